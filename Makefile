@@ -1,0 +1,43 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# torch and torchvision are installed FIRST, pinned together, in one pip call: any other
+# resolution of torch downloads gigabytes. pyproject.toml keeps only loose lower bounds.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+EXTRAS := data,faiss,dev
+STAMP := $(VENV)/.installed
+OUT ?= runs/demo
+
+.PHONY: venv demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mrl demo --out $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+bench: $(STAMP)
+	$(PY) benchmarks/heads.py
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) runs results .pytest_cache .mypy_cache .ruff_cache
