@@ -6,11 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
-EXTRAS := data,faiss,dev
+EXTRAS := data,faiss,text,dev
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: venv demo test test-slow lint bench clean
+.PHONY: venv system-deps demo test test-slow lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,21 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# WordNet (Debian's wordnet-base) for the text tests; installed when missing and apt is usable.
+system-deps:
+	@if [ ! -f /usr/share/wordnet/data.noun ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends wordnet-base; \
+	  else echo "wordnet-base is missing and apt is unavailable: WordNet tests will skip"; fi; \
+	fi
+
 demo: $(STAMP)
 	$(VENV)/bin/mrl demo --out $(OUT)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -m "not slow"
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) system-deps
 	$(PY) -m pytest -m slow
 
 lint: $(STAMP)

@@ -1,0 +1,29 @@
+"""Shared fixtures: the bundled MNIST subset, loaded once, and small slices of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matryoshka.data.images import ImageSplits, load_mnist_subset
+
+
+@pytest.fixture(scope="session")
+def mnist() -> ImageSplits:
+    return load_mnist_subset(seed=0)
+
+
+@pytest.fixture(scope="session")
+def mnist_small(mnist: ImageSplits) -> ImageSplits:
+    """600 train / 100 val / 200 test images, every class present: fast enough for unit tests."""
+    torch.manual_seed(0)
+    return ImageSplits(
+        name="mnist-small",
+        x_train=mnist.x_train[::6][:600],
+        y_train=mnist.y_train[::6][:600],
+        x_val=mnist.x_val[::5],
+        y_val=mnist.y_val[::5],
+        x_test=mnist.x_test[::5][:200],
+        y_test=mnist.y_test[::5][:200],
+        num_classes=10,
+    )

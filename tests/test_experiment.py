@@ -1,0 +1,35 @@
+import json
+
+import pytest
+
+from matryoshka.experiment import ImageExperimentConfig, run_image_experiment
+from matryoshka.train import TrainConfig
+
+
+def test_end_to_end_tiny_experiment(tmp_path, mnist_small):
+    train_cfg = TrainConfig(backbone="mlp", backbone_width=32, embed_dim=8, nesting_start=2, epochs=2, batch_size=64, progress=False)
+    results = run_image_experiment(ImageExperimentConfig(train=train_cfg, out_dir=str(tmp_path)), mnist_small)
+    assert results["sizes"] == [2, 4, 8]
+    methods = set(results["metrics"]["top1"])
+    assert methods == {"MRL", "MRL-E", "FF", "FF-8 + truncation", "FF-8 + pca", "FF-8 + random-projection"}
+    for metric in ("top1", "knn1", "map@10"):
+        for values in results["metrics"][metric].values():
+            assert len(values) == 3
+            assert all(0.0 <= v <= 1.0 for v in values)
+    # at full size, truncation, PCA (a rotation) and 1-NN on the same FF embedding agree
+    knn = results["metrics"]["knn1"]
+    assert knn["FF-8 + truncation"][-1] == knn["FF"][-1]
+    assert knn["FF-8 + pca"][-1] == pytest.approx(knn["FF"][-1], abs=0.02)
+    assert json.loads((tmp_path / "metrics.json").read_text())["sizes"] == [2, 4, 8]
+    assert "MRL minus FF" in (tmp_path / "report.md").read_text()
+    for sub in ("mrl", "mrl-e", "ff-2", "ff-4", "ff-8"):
+        assert (tmp_path / "runs" / sub / "model.json").is_file()
+
+
+def test_experiment_config_errors():
+    with pytest.raises(ValueError, match=r"methods contains 'svd'"):
+        ImageExperimentConfig(methods=("mrl", "svd"))
+    with pytest.raises(ValueError, match=r"posthoc contains 'ica'"):
+        ImageExperimentConfig(posthoc=("ica",))
+    with pytest.raises(ValueError, match=r"add 'ff' to methods or set posthoc=\(\)"):
+        ImageExperimentConfig(methods=("mrl",))
