@@ -1,0 +1,313 @@
+"""Post-hoc Matryoshka adaptor: make a frozen model's embeddings nested, without touching it.
+
+``MatryoshkaAdaptor(nesting).fit(embeddings)`` learns a small map ``f`` on cached embeddings so
+that every prefix ``f(x)[:m]`` keeps the similarity structure of the full vectors ``x``
+(in the spirit of Yoon et al., "Matryoshka-Adaptor", EMNLP 2024):
+
+    z = x R                 R (d, d) initialised with the right singular vectors of the data
+                            (uncentred PCA: prefixes of z are the best rank-m inner-product
+                            approximations, the strongest linear starting point)
+    f(x) = z + MLP(z)       a residual MLP whose output layer starts at zero, so f = PCA at step 0
+
+Unsupervised loss, per prefix size ``m`` (weights from the nesting), on batches of embeddings:
+``|cos(f(x_i)[:m], f(x_j)[:m]) - cos(x_i, x_j)|`` averaged over all pairs (pairwise term) plus
+the same over each row's ``top_k`` nearest neighbours under the full vectors (top-k term: the
+neighbours retrieval cares about), plus ``reg * |f(x) - x R_0|^2`` keeping the map near its
+start. Optional supervised mode: ``fit(embeddings, queries=q, documents=d)`` adds the fused
+Matryoshka InfoNCE on the pairs (:class:`matryoshka.contrastive.MatryoshkaContrastiveLoss`).
+
+Saved as safetensors (weights) + JSON (parameters); no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from matryoshka.contrastive import MatryoshkaContrastiveLoss
+from matryoshka.nesting import Nesting
+from matryoshka.ops import normalize, prefix_similarities, truncate_numpy
+
+__all__ = ["MatryoshkaAdaptor", "NotFittedError"]
+
+
+class NotFittedError(RuntimeError):
+    """Raised when an adaptor is used before :meth:`MatryoshkaAdaptor.fit`."""
+
+
+class _AdaptorNet(nn.Module):
+    """``(B, d) -> (B, d)``: ``z = x R``, ``f = z + MLP(z)``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.rotation = nn.Parameter(torch.eye(dim))  # (d, d)
+        out = nn.Linear(hidden, dim)
+        nn.init.zeros_(out.weight)  # f starts as the rotation alone
+        nn.init.zeros_(out.bias)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x @ self.rotation  # (B, d)
+        return z + self.mlp(z)
+
+
+def _as_2d_float(x: Any, name: str, dim: int | None = None) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float32)
+    if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim):
+        want = f"(n, {dim})" if dim is not None else "(n, d)"
+        raise ValueError(f"{name}.shape={arr.shape}: pass a 2-D array of embeddings {want}.")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or inf: clean the embeddings before fitting.")
+    return arr
+
+
+class MatryoshkaAdaptor:
+    """Learned nested map on frozen embeddings, scikit-learn style.
+
+    Args:
+        nesting: the prefix sizes to serve (``nesting.dim`` = the embedding size ``d``); its
+            weights weight the per-size losses.
+        hidden: width of the residual MLP.
+        epochs: passes over the embeddings.
+        batch_size: embeddings per step (the pairwise loss looks at ``batch_size^2`` pairs).
+        lr: Adam learning rate.
+        top_k: neighbours per row in the top-k term (within a batch).
+        topk_weight: weight of the top-k term relative to the pairwise one.
+        reg: weight of the ``|f(x) - x R_0|^2`` regulariser.
+        supervised_weight: weight of the InfoNCE term in supervised mode.
+        temperature: of that InfoNCE term.
+        seed: seeds the initialisation and the batch order.
+        progress: show a progress bar while fitting.
+
+    After :meth:`fit`: ``net_`` (the torch module), ``history_`` (mean loss per epoch).
+    """
+
+    def __init__(
+        self,
+        nesting: Nesting,
+        hidden: int = 512,
+        epochs: int = 8,
+        batch_size: int = 512,
+        lr: float = 1e-3,
+        top_k: int = 10,
+        topk_weight: float = 1.0,
+        reg: float = 0.0,
+        supervised_weight: float = 1.0,
+        temperature: float = 0.05,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(nesting, Nesting):
+            raise TypeError(
+                f"nesting={nesting!r} is a {type(nesting).__name__}: pass a Nesting, "
+                "e.g. MatryoshkaAdaptor(Nesting.doubling(8, 384))."
+            )
+        for name, value in (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int.")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r} must be a positive int, e.g. 10.")
+        if not lr > 0:
+            raise ValueError(f"lr={lr!r} must be positive, e.g. 1e-3.")
+        self.nesting = nesting
+        self.hidden = hidden
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.top_k = top_k
+        self.topk_weight = topk_weight
+        self.reg = reg
+        self.supervised_weight = supervised_weight
+        self.temperature = temperature
+        self.seed = seed
+        self.progress = progress
+        self.net_: _AdaptorNet | None = None
+        self.history_: list[float] = []
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor parameters (JSON-ready)."""
+        return {
+            "nesting": self.nesting.to_dict(),
+            "hidden": self.hidden,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "top_k": self.top_k,
+            "topk_weight": self.topk_weight,
+            "reg": self.reg,
+            "supervised_weight": self.supervised_weight,
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "progress": self.progress,
+        }
+
+    def _similarity_loss(
+        self, y: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Pairwise + top-k similarity preservation: ``(B, d), (B, B) -> scalar``."""
+        sims = prefix_similarities(y, y, self.nesting)  # (L, B, B) cosines of every prefix
+        err = (sims - target).abs()  # (L, B, B)
+        pair = err.mean(dim=(1, 2))  # (L,)
+        k = min(self.top_k + 1, target.shape[1])
+        nn_idx = target.topk(k, dim=1).indices[:, 1:]  # (B, k-1), skipping the row itself
+        if nn_idx.shape[1] > 0:
+            top = err.gather(2, nn_idx.expand(err.shape[0], -1, -1)).mean(dim=(1, 2))  # (L,)
+        else:
+            top = torch.zeros_like(pair)
+        return (weights * (pair + self.topk_weight * top)).sum()
+
+    def fit(
+        self,
+        embeddings: np.ndarray | torch.Tensor,
+        queries: np.ndarray | torch.Tensor | None = None,
+        documents: np.ndarray | torch.Tensor | None = None,
+    ) -> MatryoshkaAdaptor:
+        """Learn the map on ``embeddings (N, d)``; returns ``self``.
+
+        Supervised mode: also pass ``queries (P, d)`` and ``documents (P, d)`` embeddings of
+        matching pairs (row ``i`` of each belong together).
+        """
+        d = self.nesting.dim
+        x = _as_2d_float(embeddings, "embeddings", d)
+        if x.shape[0] < 2:
+            raise ValueError(f"embeddings has {x.shape[0]} row(s): fit needs at least 2.")
+        if (queries is None) != (documents is None):
+            raise ValueError(
+                "queries and documents go together: pass both (supervised mode) or neither."
+            )
+        pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+        if queries is not None and documents is not None:
+            qa = _as_2d_float(queries, "queries", d)
+            da = _as_2d_float(documents, "documents", d)
+            if qa.shape[0] != da.shape[0] or qa.shape[0] < 2:
+                raise ValueError(
+                    f"queries has {qa.shape[0]} rows and documents {da.shape[0]}: pass at least "
+                    "2 matching pairs, the same number of each."
+                )
+            pairs = (torch.from_numpy(qa), torch.from_numpy(da))
+        gen = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        xt = normalize(torch.from_numpy(x))  # (N, d): cosine structure is what we keep
+        net = _AdaptorNet(d, self.hidden)
+        with torch.no_grad():
+            sub = xt[torch.randperm(xt.shape[0], generator=gen)[:20000]]
+            _, _, vh = torch.linalg.svd(sub.double(), full_matrices=False)  # uncentred PCA
+            net.rotation.copy_(vh.T.float())
+        r0 = net.rotation.detach().clone()
+        weights = torch.tensor(self.nesting.weights)
+        weights = weights / weights.sum()
+        nce = MatryoshkaContrastiveLoss(self.nesting, temperature=self.temperature)
+        opt = torch.optim.Adam(net.parameters(), lr=self.lr)
+        n = xt.shape[0]
+        steps = max(1, n // self.batch_size)
+        bar = tqdm(total=self.epochs * steps, desc="fit adaptor", disable=not self.progress)
+        self.history_ = []
+        for _ in range(self.epochs):
+            perm = torch.randperm(n, generator=gen)
+            total = 0.0
+            for s in range(steps):
+                xb = xt[perm[s * self.batch_size : (s + 1) * self.batch_size]]  # (B, d)
+                yb = net(xb)
+                loss = self._similarity_loss(yb, xb @ xb.T, weights)
+                if self.reg > 0:
+                    loss = loss + self.reg * (yb - xb @ r0).square().sum(1).mean()
+                if pairs is not None:
+                    idx = torch.randint(0, pairs[0].shape[0], (self.batch_size,), generator=gen)
+                    out = nce(net(pairs[0][idx]), net(pairs[1][idx]))
+                    loss = loss + self.supervised_weight * out.loss / weights.numel()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach().item()
+                bar.update(1)
+            self.history_.append(total / steps)
+            bar.set_postfix(loss=f"{self.history_[-1]:.4f}")
+        bar.close()
+        net.eval()
+        self.net_ = net
+        return self
+
+    def _check_fitted(self) -> _AdaptorNet:
+        if self.net_ is None:
+            raise NotFittedError(
+                "this MatryoshkaAdaptor is not fitted yet: call fit(embeddings) or load(path) first."
+            )
+        return self.net_
+
+    @torch.no_grad()
+    def transform(
+        self, x: np.ndarray | torch.Tensor, dim: int | None = None, normalize: bool = True
+    ) -> np.ndarray:
+        """Adapted embeddings cut to ``dim``: ``(n, d) -> (n, dim)`` float32 (``dim=None``: all
+        ``d``). With ``normalize=True`` each prefix has unit norm (ready for cosine/IP search)."""
+        net = self._check_fitted()
+        arr = _as_2d_float(x, "x", self.nesting.dim)
+        out = np.empty_like(arr)
+        xt = _normalize_t(torch.from_numpy(arr))
+        for s in range(0, arr.shape[0], 8192):
+            out[s : s + 8192] = net(xt[s : s + 8192]).numpy()
+        return truncate_numpy(out, dim if dim is not None else self.nesting.dim, normalize)
+
+    def fit_transform(
+        self, x: np.ndarray | torch.Tensor, dim: int | None = None, normalize: bool = True
+    ) -> np.ndarray:
+        """:meth:`fit` then :meth:`transform`: ``(n, d) -> (n, dim)``."""
+        return self.fit(x).transform(x, dim=dim, normalize=normalize)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path.safetensors`` (weights) and ``path.json`` (parameters); returns the
+        safetensors path. ``path`` may name either file or their common stem."""
+        net = self._check_fitted()
+        stem = _stem(path)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+        save_file(tensors, str(stem.with_suffix(".safetensors")))
+        meta = {
+            "format": "matryoshka.adaptor/1",
+            "params": self.get_params(),
+            "history": self.history_,
+        }
+        stem.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        return stem.with_suffix(".safetensors")
+
+    @classmethod
+    def load(cls, path: str | Path) -> MatryoshkaAdaptor:
+        """Read an adaptor written by :meth:`save`."""
+        stem = _stem(path)
+        meta_path, weights_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+        for p in (meta_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(
+                    f"path={str(path)!r}: {p} is missing; pass the stem written by "
+                    "MatryoshkaAdaptor.save (both .json and .safetensors)."
+                )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != "matryoshka.adaptor/1":
+            raise ValueError(
+                f"{meta_path} has format={meta.get('format')!r}, not 'matryoshka.adaptor/1': "
+                "it was not written by MatryoshkaAdaptor.save."
+            )
+        params = dict(meta["params"])
+        params["nesting"] = Nesting.from_dict(params["nesting"])
+        self = cls(**params)
+        net = _AdaptorNet(self.nesting.dim, self.hidden)
+        net.load_state_dict(load_file(str(weights_path)))
+        net.eval()
+        self.net_ = net
+        self.history_ = list(meta.get("history", []))
+        return self
+
+
+_normalize_t = normalize  # `transform` shadows the name with its keyword argument
+
+
+def _stem(path: str | Path) -> Path:
+    p = Path(path)
+    return p.with_suffix("") if p.suffix in (".json", ".safetensors") else p

