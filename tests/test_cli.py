@@ -9,11 +9,18 @@ def test_train_eval_report_round_trip(tmp_path, capsys):
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text("backbone: mlp\nbackbone_width: 32\nembed_dim: 8\nepochs: 5\n")
     out = tmp_path / "run"
-    assert main(["train", "--config", str(cfg), "--epochs", "1", "--no-progress", "--out-dir", str(out)]) == 0
+    assert (
+        main(
+            ["train", "--config", str(cfg), "--epochs", "1", "--no-progress", "--out-dir", str(out)]
+        )
+        == 0
+    )
     saved = json.loads((out / "model.json").read_text())
     assert saved["meta"]["config"]["epochs"] == 1  # the flag overrides the recipe
     assert saved["meta"]["config"]["backbone"] == "mlp"
-    assert main(["eval", "--model", str(out / "model.json"), "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(["eval", "--model", str(out / "model.json"), "--json", str(tmp_path / "e.json")]) == 0
+    )
     table = json.loads((tmp_path / "e.json").read_text())["test_top1"]
     assert list(table) == ["2", "4", "8"]
     assert table["8"] > 0.3  # chance is 0.1; one epoch

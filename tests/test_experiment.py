@@ -7,11 +7,28 @@ from matryoshka.train import TrainConfig
 
 
 def test_end_to_end_tiny_experiment(tmp_path, mnist_small):
-    train_cfg = TrainConfig(backbone="mlp", backbone_width=32, embed_dim=8, nesting_start=2, epochs=2, batch_size=64, progress=False)
-    results = run_image_experiment(ImageExperimentConfig(train=train_cfg, out_dir=str(tmp_path)), mnist_small)
+    train_cfg = TrainConfig(
+        backbone="mlp",
+        backbone_width=32,
+        embed_dim=8,
+        nesting_start=2,
+        epochs=2,
+        batch_size=64,
+        progress=False,
+    )
+    results = run_image_experiment(
+        ImageExperimentConfig(train=train_cfg, out_dir=str(tmp_path)), mnist_small
+    )
     assert results["sizes"] == [2, 4, 8]
     methods = set(results["metrics"]["top1"])
-    assert methods == {"MRL", "MRL-E", "FF", "FF-8 + truncation", "FF-8 + pca", "FF-8 + random-projection"}
+    assert methods == {
+        "MRL",
+        "MRL-E",
+        "FF",
+        "FF-8 + truncation",
+        "FF-8 + pca",
+        "FF-8 + random-projection",
+    }
     for metric in ("top1", "knn1", "map@10"):
         for values in results["metrics"][metric].values():
             assert len(values) == 3

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,11 +39,13 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "build_model",
+    "init_distributed",
     "load_model",
     "predict_logits",
     "random_shift",
     "save_model",
     "seed_everything",
+    "shift_images",
     "train",
 ]
 
@@ -97,6 +101,13 @@ class TrainConfig:
     nonfinite: str = _help(
         "on a NaN/inf loss: stop (raise) or skip (drop the batch)", default="stop"
     )
+    grad_accum: int = _help(
+        "split each batch into N micro-batches, one optimizer step (same result, less memory)",
+        default=1,
+    )
+    amp: bool = _help(
+        "bfloat16 autocast on CUDA (mixed precision); no effect on CPU", default=False
+    )
     device: str = _help("cpu, cuda, or auto", default="auto")
     progress: bool = _help("show a progress bar", default=True)
 
@@ -107,7 +118,14 @@ class TrainConfig:
             raise ValueError(f"backbone={self.backbone!r} is not one of {list_backbones()}.")
         if self.data not in DATASETS:
             raise ValueError(f"data={self.data!r} is not one of {list(DATASETS)}.")
-        for name in ("embed_dim", "epochs", "batch_size", "keep_checkpoints", "nesting_start"):
+        for name in (
+            "embed_dim",
+            "epochs",
+            "batch_size",
+            "keep_checkpoints",
+            "nesting_start",
+            "grad_accum",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int.")
@@ -170,14 +188,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
+def random_shift(
+    x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Translate each image by a random ``(dy, dx)`` in ``[-max_shift, max_shift]``, replicating
-    the border: ``(B, C, H, W) -> (B, C, H, W)``. Draws from torch's global RNG (checkpointed)."""
+    the border: ``(B, C, H, W) -> (B, C, H, W)``."""
+    b = x.shape[0]
+    shifts = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator)
+    return shift_images(x, max_shift, shifts)
+
+
+def shift_images(x: torch.Tensor, max_shift: int, shifts: torch.Tensor) -> torch.Tensor:
+    """Crop each image of the border-replicated ``x`` at offsets ``shifts: (B, 2)`` in
+    ``[0, 2 * max_shift]``: ``(B, C, H, W) -> (B, C, H, W)``."""
     b, c, h, w = x.shape
     s = max_shift
     padded = torch.nn.functional.pad(x, (s, s, s, s), mode="replicate")
-    dy = torch.randint(0, 2 * s + 1, (b,), device=x.device)
-    dx = torch.randint(0, 2 * s + 1, (b,), device=x.device)
+    dy, dx = shifts[:, 0].to(x.device), shifts[:, 1].to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
     batch = torch.arange(b, device=x.device)[:, None, None, None]
@@ -243,10 +270,34 @@ def load_model(
     return model.to(device).eval(), meta
 
 
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``): gloo on CPU,
+    nccl on CUDA (one GPU per local rank). Returns ``(rank, world_size, device)``."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % 2**63
+
+
 def train(config: TrainConfig, data: ImageSplits | None = None) -> TrainResult:
     """Train one model as ``config`` says and save it to ``config.out_dir/model.json``.
 
-    ``data`` overrides ``config.data`` (the demo loads the split once for every run).
+    ``data`` overrides ``config.data`` (the demo loads the split once for every run). Under
+    ``torchrun`` every process takes its shard of each batch and DistributedDataParallel averages
+    the gradients, so N processes follow the same trajectory as one process with the same
+    ``batch_size`` (exactly, up to float summation order, for backbones without BatchNorm, whose
+    statistics stay per process). Rank 0 alone writes checkpoints, the model and the progress bar.
     """
     t0 = time.perf_counter()
     out = Path(config.out_dir)
@@ -254,7 +305,7 @@ def train(config: TrainConfig, data: ImageSplits | None = None) -> TrainResult:
     seed_everything(config.seed)
     if data is None:
         data = load_dataset(config.data, config.data_root, seed=config.seed)
-    device = _device(config.device)
+    rank, world, device = init_distributed(_device(config.device))
     model = build_model(config, data.num_classes, data.input_shape[0]).to(device)
     nesting = model.nesting
     loss_fn = MatryoshkaLoss(nesting=nesting).to(device)
@@ -265,6 +316,16 @@ def train(config: TrainConfig, data: ImageSplits | None = None) -> TrainResult:
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    forward: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    autocast = torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"
+    )
 
     step, history, skipped = 0, [], 0
     if config.resume:
@@ -274,19 +335,60 @@ def train(config: TrainConfig, data: ImageSplits | None = None) -> TrainResult:
             step, history, skipped = meta["step"], meta["history"], meta.get("skipped", 0)
 
     def checkpoint() -> None:
-        meta = {"step": step, "history": history, "skipped": skipped, "config": config.to_dict()}
-        save_checkpoint(ckpt_dir / f"step-{step:08d}", model, optimizer, scheduler, meta)
-        for old in sorted(ckpt_dir.glob("step-*.json"))[: -config.keep_checkpoints]:
-            old.with_name(old.stem + ".safetensors").unlink(missing_ok=True)
-            old.unlink(missing_ok=True)
+        if rank == 0:
+            meta = {
+                "step": step,
+                "history": history,
+                "skipped": skipped,
+                "config": config.to_dict(),
+            }
+            save_checkpoint(ckpt_dir / f"step-{step:08d}", model, optimizer, scheduler, meta)
+            for old in sorted(ckpt_dir.glob("step-*.json"))[: -config.keep_checkpoints]:
+                old.with_name(old.stem + ".safetensors").unlink(missing_ok=True)
+                old.unlink(missing_ok=True)
+        if world > 1:
+            torch.distributed.barrier()
+
+    def train_step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the global batch ``idx``: this rank's shard of every micro-batch,
+        losses scaled so the summed (and DDP-averaged) gradient is that of the batch mean."""
+        shifts = None
+        if config.augment_shift:  # drawn for the whole batch, so every sharding sees the same
+            gen = torch.Generator().manual_seed(_step_seed(config.seed, step))
+            shifts = torch.randint(0, 2 * config.augment_shift + 1, (len(idx), 2), generator=gen)
+        positions = torch.arange(len(idx))
+        micro = positions.tensor_split(config.grad_accum)
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        per_size = torch.zeros(len(nesting), device=device)
+        for i, pos in enumerate(micro):
+            shard = pos[rank::world]
+            weight = len(shard) * world / len(idx)
+            if len(shard) == 0:  # keep this rank in the collective with a zero-weight example
+                shard, weight = pos[:1] if len(pos) else positions[:1], 0.0
+            x = data.x_train[idx[shard]].to(device, non_blocking=True)
+            y = data.y_train[idx[shard]].to(device, non_blocking=True)
+            if shifts is not None:
+                x = shift_images(x, config.augment_shift, shifts[shard])
+            sync = world == 1 or i == len(micro) - 1
+            with autocast, nullcontext() if sync else forward.no_sync():  # type: ignore[operator]
+                loss, sizes_loss = loss_fn(forward(x).float(), y)
+                (loss * weight).backward()
+            total += loss.detach() * weight / world
+            per_size += sizes_loss * weight / world
+        if world > 1:
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(per_size)
+        return total, per_size
 
     bar = tqdm(
         total=total_steps,
         initial=step,
-        disable=not config.progress,
+        disable=not config.progress or rank != 0,
         desc=f"{config.method} d={config.embed_dim}",
         dynamic_ncols=True,
     )
+    loss = torch.zeros(())
     for epoch in range(step // steps_per_epoch, config.epochs):
         # The batch order depends only on (seed, epoch): resuming mid-epoch skips what was done.
         order = torch.randperm(
@@ -295,12 +397,8 @@ def train(config: TrainConfig, data: ImageSplits | None = None) -> TrainResult:
         batches = order.split(config.batch_size)
         for idx in batches[step - epoch * steps_per_epoch :]:
             model.train()
-            x = data.x_train[idx].to(device, non_blocking=True)
-            y = data.y_train[idx].to(device, non_blocking=True)
-            if config.augment_shift:
-                x = random_shift(x, config.augment_shift)
-            loss, per_size = loss_fn(model(x), y)
-            if not torch.isfinite(loss):
+            loss, per_size = train_step(idx)
+            if not torch.isfinite(loss):  # the same verdict on every rank (reduced loss)
                 if config.nonfinite == "stop":
                     raise FloatingPointError(
                         f"non-finite loss ({loss.item()}) at step {step} (epoch {epoch}); per-size "
@@ -310,8 +408,6 @@ def train(config: TrainConfig, data: ImageSplits | None = None) -> TrainResult:
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
             else:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 optimizer.step()
             scheduler.step()
             step += 1
@@ -324,24 +420,26 @@ def train(config: TrainConfig, data: ImageSplits | None = None) -> TrainResult:
                 checkpoint()
         val_acc = _accuracy_per_size(model, data.x_val, data.y_val)
         history.append({"epoch": epoch + 1, "step": step, "loss": loss.item(), "val_acc": val_acc})
-        bar.write(
-            f"epoch {epoch + 1}/{config.epochs} val top-1 "
-            + " ".join(f"{m}:{a:.3f}" for m, a in zip(nesting, val_acc, strict=True))
-        )
+        if rank == 0:
+            bar.write(
+                f"epoch {epoch + 1}/{config.epochs} val top-1 "
+                + " ".join(f"{m}:{a:.3f}" for m, a in zip(nesting, val_acc, strict=True))
+            )
         checkpoint()
     bar.close()
     seconds = time.perf_counter() - t0
-    model_path = save_model(
-        model,
-        config,
-        out / "model",
-        {
-            "num_classes": data.num_classes,
-            "input_shape": list(data.input_shape),
-            "data": data.name,
-            "history": history,
-            "skipped_steps": skipped,
-        },
-    )
-    (out / "history.json").write_text(json.dumps(history, indent=1))
+    extra = {
+        "num_classes": data.num_classes,
+        "input_shape": list(data.input_shape),
+        "data": data.name,
+        "history": history,
+        "skipped_steps": skipped,
+        "world_size": world,
+    }
+    model_path = out / "model.json"
+    if rank == 0:
+        model_path = save_model(model, config, out / "model", extra)
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+    if world > 1:
+        torch.distributed.barrier()
     return TrainResult(model.eval(), history, model_path, seconds)
