@@ -41,4 +41,4 @@ def test_bad_config_is_a_clear_exit(tmp_path):
 def test_parser_has_every_command():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert {"train", "eval", "demo", "report"} <= set(sub.choices)
+    assert {"train", "eval", "demo", "report"} <= set(sub.choices or ())

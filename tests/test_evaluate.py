@@ -44,9 +44,9 @@ def test_linear_probe_separates_clusters():
 def test_posthoc_reductions():
     z, _ = _clusters(3, n=200, d=8)
     tr, te = z[:150], z[150:]
-    a, b = posthoc_reduce("truncation", tr, te, 3)
+    a, _ = posthoc_reduce("truncation", tr, te, 3)
     np.testing.assert_array_equal(a, tr[:, :3])
-    a, b = posthoc_reduce("pca", tr, te, 3)
+    a, _ = posthoc_reduce("pca", tr, te, 3)
     # PCA scores: projections of centred data on the top right-singular vectors (up to sign)
     centred = tr - tr.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
@@ -56,7 +56,9 @@ def test_posthoc_reductions():
     r2, _ = posthoc_reduce("random-projection", tr, te, 4, seed=1)
     assert r1.shape == (150, 4)
     np.testing.assert_array_equal(r1, r2)
-    with pytest.raises(ValueError, match=r"method='ica' is not one of \['truncation', 'pca', 'random-projection'\]"):
+    with pytest.raises(
+        ValueError, match=r"method='ica' is not one of \['truncation', 'pca', 'random-projection'\]"
+    ):
         posthoc_reduce("ica", tr, te, 3)
     with pytest.raises(ValueError, match=r"m=9 must be in \[1, 8\]"):
         posthoc_reduce("pca", tr, te, 9)

@@ -35,5 +35,7 @@ def test_schema_errors(tmp_path):
     bad = {**RESULTS, "metrics": {"top1": {"MRL": [0.1]}}}
     with pytest.raises(ValueError, match=r"\['top1'\]\['MRL'\] has 1 values but there are 3 sizes"):
         write_report(bad, tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"does not exist: pass a metrics.json or its folder"):
+    with pytest.raises(
+        FileNotFoundError, match=r"does not exist: pass a metrics.json or its folder"
+    ):
         load_results(tmp_path / "nothing")
