@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["add_dataclass_arguments", "build_parser", "main"]
 
 # Modules that add their own subcommands with a `register(subparsers)` function, if installed.
-_PLUGINS = ("matryoshka.index_cli", "matryoshka.text_cli")
+_PLUGINS = ("matryoshka.index_cli", "matryoshka.text_cli", "matryoshka.serve_cli")
 
 
 def _arg_type(annotation: str) -> dict[str, Any]:
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train MRL, MRL-E, FF per size on bundled MNIST; report")
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--epochs", type=int, default=12, help="epochs per trained model")
+    p.add_argument("--epochs", type=int, default=15, help="epochs per trained model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)

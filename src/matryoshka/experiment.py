@@ -43,7 +43,7 @@ class ImageExperimentConfig:
     ``embed_dim`` and ``out_dir`` are set per run."""
 
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(embed_dim=128, nesting_start=2, epochs=12)
+        default_factory=lambda: TrainConfig(embed_dim=128, nesting_start=2, epochs=15)
     )
     methods: tuple[str, ...] = ("mrl", "mrl-e", "ff")
     posthoc: tuple[str, ...] = POSTHOC
