@@ -46,9 +46,6 @@ class MatryoshkaLoss(nn.Module):
             )
         self.base_loss = base_loss
         self.nesting = nesting
-        self.register_buffer(
-            "weights", torch.tensor(nesting.weights, dtype=torch.float32), persistent=False
-        )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> MatryoshkaLossOutput:
         """``(L, B, C), (B,) -> (scalar, (L,))``."""
@@ -70,5 +67,5 @@ class MatryoshkaLoss(nn.Module):
             per_size = flat.view(n_sizes, -1).mean(1)  # (L,)
         else:
             per_size = torch.stack([self.base_loss(logits[i], target) for i in range(n_sizes)])
-        weights = torch.as_tensor(self.weights).to(dtype=per_size.dtype)
+        weights = torch.tensor(self.nesting.weights, dtype=per_size.dtype, device=per_size.device)
         return MatryoshkaLossOutput((weights * per_size).sum(), per_size.detach())
