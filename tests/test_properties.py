@@ -1,5 +1,6 @@
 """Property-based tests: random ladders, shapes and values for the core pieces."""
 
+import itertools
 import math
 
 import numpy as np
@@ -27,7 +28,7 @@ def ladders(draw, max_dim=48):
     inner = (
         draw(st.lists(st.integers(1, max(1, dim - 1)), max_size=5, unique=True)) if dim > 1 else []
     )
-    sizes = sorted(s for s in set(inner) if s < dim) + [dim]
+    sizes = [*sorted(s for s in set(inner) if s < dim), dim]
     weights = draw(st.lists(st.floats(0.0, 4.0), min_size=len(sizes), max_size=len(sizes)))
     if sum(weights) == 0:
         weights[-1] = 1.0
@@ -51,7 +52,7 @@ def test_nesting_accepts_exactly_valid_ladders(sizes, data):
     valid = (
         len(sizes) > 0
         and all(s > 0 for s in sizes)
-        and all(a < b for a, b in zip(sizes, sizes[1:], strict=False))
+        and all(a < b for a, b in itertools.pairwise(sizes))
     )
     if valid:
         assert list(Nesting(sizes)) == sizes

@@ -42,7 +42,13 @@ from matryoshka.nesting import Nesting
 from matryoshka.ops import truncate_numpy
 from matryoshka.text import TextEncoder, encode_cached
 
-__all__ = ["finetune", "linear_probe", "retrieval_metrics", "run_wordnet_evaluation"]
+__all__ = [
+    "finetune",
+    "format_tables",
+    "linear_probe",
+    "retrieval_metrics",
+    "run_wordnet_evaluation",
+]
 
 Transform = Callable[[np.ndarray, int], np.ndarray]
 
@@ -100,7 +106,7 @@ def finetune(
     opt = torch.optim.AdamW(model.model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     model.model.train()
-    steps = len(anchors) // batch_size
+    steps = max(1, len(anchors) // batch_size)  # fewer pairs than batch_size: one smaller batch
     bar = tqdm(total=epochs * steps, desc="fine-tune", disable=not progress)
     for _ in range(epochs):
         perm = torch.randperm(len(anchors), generator=gen).tolist()
@@ -140,11 +146,20 @@ def run_wordnet_evaluation(
     """Run the whole evaluation; returns the results dict (also written to ``out_dir``)."""
     t0 = time.time()
     nesting = Nesting(list(sizes))
+    if isinstance(train_pairs, bool) or not isinstance(train_pairs, int) or train_pairs < 0:
+        raise ValueError(
+            f"train_pairs={train_pairs!r} must be an int >= 0 (0 skips fine-tuning), e.g. 2000."
+        )
+    base = TextEncoder()
+    if nesting.dim != base.dim:
+        raise ValueError(
+            f"sizes={list(sizes)} ends at {nesting.dim}, but {base.name} embeds in {base.dim} "
+            f"dimensions: make the last size {base.dim}."
+        )
     synsets: list[Synset] = load_synsets()
     split = split_synsets(synsets, seed, {"train": train_fraction, "test": test_fraction})
     train, test = split["train"], split["test"]
     task = definition_to_lemmas(test)
-    base = TextEncoder()
 
     def emb(enc: TextEncoder, texts: Sequence[str], what: str) -> np.ndarray:
         return encode_cached(
@@ -166,7 +181,9 @@ def run_wordnet_evaluation(
     adaptor_s = time.time() - t_ad
     methods["base + adaptor"] = (q_base, c_base, lambda e, m: adaptor.transform(e, dim=m))
 
-    pairs = train[:train_pairs]
+    # A seeded sample of the training split (its file order puts every noun first).
+    pick = np.random.default_rng(seed).permutation(len(train))[:train_pairs]
+    pairs = [train[i] for i in sorted(pick.tolist())]
     finetune_s: dict[str, float] = {}
     variants = (("fine-tuned MRL", True), ("fine-tuned plain", False)) if train_pairs > 0 else ()
     for name, mrl in variants:  # train_pairs=0 skips fine-tuning (slow on a busy CPU)
@@ -193,7 +210,7 @@ def run_wordnet_evaluation(
                 metrics.setdefault(metric, {}).setdefault(method, []).append(value)
 
     probe_train, probe_test = lexname_task(train), lexname_task(test)
-    te_def = emb(base, probe_test.texts, "test/definitions-all")
+    te_def = emb(base, probe_test.texts, "test/definitions")  # = task.queries: a cache hit
     for m in nesting:
         acc = linear_probe(
             truncate_numpy(tr_def, m, True),
@@ -231,6 +248,22 @@ def run_wordnet_evaluation(
     return results
 
 
+def format_tables(
+    results: dict[str, Any], metrics: Sequence[str] = ("ndcg@10", "lexname probe accuracy")
+) -> str:
+    """Plain-text tables of ``metrics`` (rows: methods, columns: sizes) from a results dict."""
+    sizes = results["sizes"]
+    lines: list[str] = []
+    for metric in metrics:
+        if metric not in results["metrics"]:
+            continue
+        lines.append(metric)
+        lines.append(f"{'method':<18}" + "".join(f"{m:>8}" for m in sizes))
+        for method, vals in results["metrics"][metric].items():
+            lines.append(f"{method:<18}" + "".join(f"{v:>8.3f}" for v in vals))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: run the evaluation and print the nDCG@10 table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -242,12 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = run_wordnet_evaluation(
         args.out, train_pairs=args.train_pairs, adaptor_epochs=args.adaptor_epochs, seed=args.seed
     )
-    sizes = res["sizes"]
-    for metric in ("ndcg@10", "lexname probe accuracy"):
-        print(metric)
-        print(f"{'method':<18}" + "".join(f"{m:>8}" for m in sizes))
-        for method, vals in res["metrics"][metric].items():
-            print(f"{method:<18}" + "".join(f"{v:>8.3f}" for v in vals))
+    print(format_tables(res))
     print(json.dumps(res["meta"]))
     return 0
 
