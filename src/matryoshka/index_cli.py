@@ -1,0 +1,185 @@
+"""CLI subcommands for indexes and adaptive retrieval: ``mrl index build``, ``mrl search``,
+``mrl bench retrieval``. :func:`register` adds them to the ``mrl`` parser.
+
+    mrl index build corpus.npy --dim 64 --backend faiss-hnsw --model-name all-MiniLM-L6-v2 \\
+        --out corpus-64.index
+    mrl search --index corpus-64.index --queries q.npy --k 10 --out hits.jsonl
+    mrl search --index corpus-64.index --queries q.npy --funnel-corpus corpus.npy \\
+        --shortlist-k 200 --rerank 384        # funnel: shortlist from the index, rerank at 384
+    mrl search --index corpus-64.index --interactive   # one vector per stdin line
+    mrl bench retrieval --encoder static --pca        # runs benchmarks/retrieval.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from matryoshka.index import BACKENDS, load_index, make_index
+
+__all__ = ["cmd_bench_retrieval", "cmd_index_build", "cmd_search", "register"]
+
+
+def _fail(message: str) -> int:
+    print(f"mrl: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _load_npy(path: str, name: str, mmap: bool = False) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{name}={path!r} does not exist: pass an (n, d) float .npy file.")
+    arr = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+    if arr.ndim != 2:
+        raise ValueError(f"{name}={path!r} has shape {arr.shape}: pass an (n, d) matrix.")
+    return arr
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    """``mrl index build``: embeddings ``.npy`` ``(N, d)`` -> saved index over prefixes ``:dim``."""
+    try:
+        x = _load_npy(args.embeddings, "embeddings", mmap=True)
+        dim = args.dim if args.dim is not None else x.shape[1]
+        params: dict[str, Any] = {}
+        if args.backend == "faiss-hnsw":
+            params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction}
+            params["ef_search"] = args.ef_search
+        elif args.backend == "faiss-ivf":
+            params = {"nlist": args.nlist, "nprobe": args.nprobe}
+        index = make_index(
+            args.backend, dim, model_name=args.model_name, normalize=args.normalize, **params
+        )
+        step = max(args.batch, index.params().get("nlist") or 0)
+        for s in tqdm(range(0, x.shape[0], step), desc="index build", disable=args.quiet):
+            index.add(x[s : s + step])
+        out = index.save(args.out or Path(args.embeddings).with_suffix(f".m{dim}.index"))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        return _fail(str(e))
+    print(f"wrote {out}: {index}")
+    return 0
+
+
+def _write_hits(scores: np.ndarray, ids: np.ndarray, stream: TextIO) -> None:
+    for s, i in zip(scores, ids, strict=True):
+        stream.write(json.dumps({"ids": i.tolist(), "scores": [round(float(v), 6) for v in s]}))
+        stream.write("\n")
+
+
+def _read_vectors(lines: Iterable[str]) -> Iterable[np.ndarray]:
+    for line in lines:
+        line = line.strip().replace(",", " ")
+        if line:
+            yield np.array([float(v) for v in line.split()], dtype=np.float32)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """``mrl search``: batch (``--queries q.npy``) or ``--interactive`` (a vector per line)."""
+    try:
+        index = load_index(args.index, model_name=args.model_name)
+        search: Any = index.search
+        if args.funnel_corpus:
+            from matryoshka.adaptive.retrieve import FunnelRetriever
+
+            rerank = tuple(args.rerank) if args.rerank else None
+            fr = FunnelRetriever(
+                index.dim, args.shortlist_k, rerank, index=index, normalize=index.normalize
+            ).fit(args.funnel_corpus)
+            search = fr.search
+        if args.interactive:
+            print(f"{index}: one query vector per line (floats), Ctrl-D to quit", file=sys.stderr)
+            for q in _read_vectors(sys.stdin):
+                scores, ids = search(q[None, :], args.k)
+                _write_hits(scores, ids, sys.stdout)
+                sys.stdout.flush()
+            return 0
+        if not args.queries:
+            return _fail("pass --queries Q.npy (batch) or --interactive.")
+        q = _load_npy(args.queries, "queries")
+        scores, ids = search(q, args.k)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        return _fail(str(e))
+    if args.out and args.out.endswith(".npz"):
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(args.out, scores=scores, ids=ids)
+    elif args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            _write_hits(scores, ids, f)
+    else:
+        _write_hits(scores, ids, sys.stdout)
+    if args.out:
+        print(f"wrote {args.out}: {ids.shape[0]} queries x top-{args.k}", file=sys.stderr)
+    return 0
+
+
+def _benchmark_script() -> Path | None:
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        path = root / "benchmarks" / "retrieval.py"
+        if path.is_file():
+            return path
+    return None
+
+
+def cmd_bench_retrieval(args: argparse.Namespace) -> int:
+    """``mrl bench retrieval [options]``: run ``benchmarks/retrieval.py`` with the options given."""
+    path = _benchmark_script()
+    if path is None:
+        return _fail(
+            "benchmarks/retrieval.py was not found (it ships with the source tree, not the "
+            "wheel): run this from a checkout of the matryoshka repository."
+        )
+    module = runpy.run_path(str(path), run_name="matryoshka_bench_retrieval")
+    return int(module["run_and_report"](args))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``index build``, ``search`` and ``bench retrieval`` to the ``mrl`` parser."""
+    p_index = subparsers.add_parser("index", help="build vector indexes over embedding prefixes")
+    index_sub = p_index.add_subparsers(dest="index_command", required=True)
+    p = index_sub.add_parser("build", help="index an (N, d) embeddings .npy at prefix size --dim")
+    p.add_argument("embeddings", help="(N, d) float .npy (read memory-mapped)")
+    p.add_argument("--dim", type=int, default=None, help="prefix size m to index (default: d)")
+    p.add_argument("--backend", choices=BACKENDS, default="exact")
+    p.add_argument("--model-name", default="unknown", help="embedding model, saved in the header")
+    p.add_argument("--out", default=None, help="index file (default: EMBEDDINGS.m<dim>.index)")
+    p.add_argument(
+        "--normalize", action=argparse.BooleanOptionalAction, default=True, help="cosine"
+    )
+    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
+    p.add_argument("--ef-construction", type=int, default=200, help="HNSW build beam")
+    p.add_argument("--ef-search", type=int, default=128, help="HNSW search beam")
+    p.add_argument("--nlist", type=int, default=None, help="IVF cells (default 4·sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=16, help="IVF cells visited per query")
+    p.add_argument("--batch", type=int, default=65536, help="rows added at a time")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index_build)
+
+    p = subparsers.add_parser("search", help="search a saved index (batch or interactive)")
+    p.add_argument("--index", required=True, help="index file from `mrl index build`")
+    p.add_argument("--queries", default=None, help="(Q, d) query embeddings .npy")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--out", default=None, help="results: .jsonl (ids, scores) or .npz")
+    p.add_argument("--model-name", default=None, help="refuse an index built from another model")
+    p.add_argument("--interactive", action="store_true", help="read query vectors from stdin")
+    p.add_argument("--funnel-corpus", default=None, help="(N, d) .npy: rerank through a funnel")
+    p.add_argument("--shortlist-k", type=int, default=200, help="funnel shortlist size k'")
+    p.add_argument("--rerank", type=int, nargs="+", default=None, help="funnel rerank sizes")
+    p.set_defaults(func=cmd_search)
+
+    p_bench = subparsers.add_parser("bench", help="benchmarks")
+    bench_sub = p_bench.add_subparsers(dest="bench_command", required=True)
+    p = bench_sub.add_parser(
+        "retrieval", help="funnel vs exact retrieval (benchmarks/retrieval.py)"
+    )
+    script = _benchmark_script()
+    if script is not None:  # its options, defined once in the script
+        runpy.run_path(str(script), run_name="matryoshka_bench_retrieval")["add_arguments"](p)
+    p.set_defaults(func=cmd_bench_retrieval)
