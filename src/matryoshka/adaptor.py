@@ -198,7 +198,8 @@ class MatryoshkaAdaptor:
         net = _AdaptorNet(d, self.hidden)
         with torch.no_grad():
             sub = xt[torch.randperm(xt.shape[0], generator=gen)[:20000]]
-            _, _, vh = torch.linalg.svd(sub.double(), full_matrices=False)  # uncentred PCA
+            # Uncentred PCA; with fewer rows than dims the basis is completed to (d, d).
+            _, _, vh = torch.linalg.svd(sub.double(), full_matrices=sub.shape[0] < d)
             net.rotation.copy_(vh.T.float())
         r0 = net.rotation.detach().clone()
         weights = torch.tensor(self.nesting.weights)
