@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.bad_inputs import CASES, run_case  # noqa: E402
+from tests.bad_inputs import CASES, run_case
 
 
 def main() -> None:
