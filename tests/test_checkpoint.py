@@ -6,11 +6,11 @@ import torch
 
 from matryoshka.checkpoint import (
     CheckpointError,
-    atomic_write_bytes,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from matryoshka.io import atomic_write_bytes
 
 
 def _model_and_opt(seed):

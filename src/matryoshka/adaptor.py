@@ -27,11 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 from tqdm.auto import tqdm
 
 from matryoshka.contrastive import MatryoshkaContrastiveLoss
+from matryoshka.io import atomic_write_bytes
 from matryoshka.nesting import Nesting
 from matryoshka.ops import normalize, prefix_similarities, truncate_numpy
 
@@ -267,15 +269,14 @@ class MatryoshkaAdaptor:
         safetensors path. ``path`` may name either file or their common stem."""
         net = self._check_fitted()
         stem = _stem(path)
-        stem.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-        save_file(tensors, str(stem.with_suffix(".safetensors")))
+        atomic_write_bytes(stem.with_suffix(".safetensors"), st_save(tensors))
         meta = {
             "format": "matryoshka.adaptor/1",
             "params": self.get_params(),
             "history": self.history_,
         }
-        stem.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        atomic_write_bytes(stem.with_suffix(".json"), json.dumps(meta, indent=2).encode())
         return stem.with_suffix(".safetensors")
 
     @classmethod

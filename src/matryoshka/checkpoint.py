@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +19,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from matryoshka.io import atomic_write_bytes
+
 __all__ = [
     "CheckpointError",
-    "atomic_write_bytes",
     "capture_rng",
     "latest_checkpoint",
     "load_checkpoint",
@@ -36,28 +35,6 @@ FORMAT = "matryoshka-checkpoint/1"
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, torn, or does not match what was asked for."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one:
-    temp file in the same folder, fsync, rename, fsync of the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from matryoshka.io import atomic_write_bytes
 from matryoshka.ops import truncate_numpy
 
 __all__ = [
@@ -88,35 +88,6 @@ def _as_matrix(x: Any, dim: int, name: str) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"{name}.dtype={arr.dtype}: pass numeric (float) embeddings.")
     return arr
-
-
-def _atomic_save(tensors: dict[str, np.ndarray], metadata: dict[str, str], path: Path) -> None:
-    """Write a safetensors file atomically: temp file in the same folder, fsync, ``os.replace``."""
-    from safetensors.numpy import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable; not possible on every platform/filesystem
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def _sha256(arr: np.ndarray) -> str:
@@ -214,7 +185,9 @@ class VectorIndex(ABC):
         payload = self._payload()
         header = self.header()
         header["sha256"] = {name: _sha256(arr) for name, arr in payload.items()}
-        _atomic_save(payload, {_META_KEY: json.dumps(header)}, path)
+        from safetensors.numpy import save as st_save
+
+        atomic_write_bytes(path, st_save(payload, metadata={_META_KEY: json.dumps(header)}))
         return path
 
     def __repr__(self) -> str:

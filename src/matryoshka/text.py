@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,8 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as st_save
 from tqdm.auto import tqdm
+
+from matryoshka.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -272,17 +274,6 @@ def encode_cached(
         "normalize": normalize,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _atomic_write(path, lambda p: save_file({"embeddings": arr}, str(p)))
-    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    atomic_write_bytes(path, st_save({"embeddings": arr}))
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
     return arr
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
