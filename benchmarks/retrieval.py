@@ -18,6 +18,12 @@ torch exact backend), FAISS HNSW at full size, and the funnel with an exact shor
 HNSW shortlist for several ``(m_s, k')``. Reported: queries/s, recall@k against the reference,
 bytes of vectors touched per query, index size and build time. Prints a table, writes JSON and a
 PNG (recall vs queries/s).
+
+``--backends milvus,pgvector`` adds the funnel inside the vector databases (:mod:`matryoshka.vectordb`)
+for ``--db-shortlist-sizes`` x ``--shortlist-ks``: Milvus Lite on a temp file (or ``--milvus-uri``)
+and PostgreSQL + pgvector started with pgserver in a temp folder (or ``--pg-url``). Their build
+time is the ingestion (including the HNSW build), their size the bytes on disk, and their
+KB/query is not known (nan): the engines do not report the vectors their HNSW search visits.
 """
 
 from __future__ import annotations
@@ -238,6 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             del hn
     tmp.cleanup()
+    for backend in [b for b in args.backends.split(",") if b]:
+        bench_database(backend, args, spaces, k, add_row)
     # The floor of any exact shortlist: selecting the top k' of N scores per query, whatever m_s.
     rand_scores = torch.randn(queries.shape[0], n)  # (Q, N)
     _, sel_secs = timed(lambda s=rand_scores: torch.topk(s, 100, dim=1), reps)
@@ -263,6 +271,84 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target": {"recall": TARGET_RECALL, "speedup": TARGET_SPEEDUP},
         "rows": rows,
     }
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def bench_database(
+    backend: str,
+    args: argparse.Namespace,
+    spaces: dict[str, tuple[np.ndarray, np.ndarray]],
+    k: int,
+    add_row: Any,
+) -> None:
+    """Funnel inside Milvus (Lite) or PostgreSQL + pgvector: ingest, then search each ``k'``."""
+    from matryoshka.vectordb import open_vectordb
+
+    if backend not in ("milvus", "pgvector"):
+        raise SystemExit(f"--backends: {backend!r} is not 'milvus' or 'pgvector'")
+    tmp = Path(tempfile.mkdtemp(prefix=f"mrl-bench-{backend}-"))
+    server = None
+    if backend == "pgvector":
+        uri = args.pg_url
+        if uri is None:
+            import pgserver
+
+            server = pgserver.get_server(tmp / "pg", cleanup_mode="stop")
+            uri = server.get_uri()
+    else:
+        uri = args.milvus_uri or str(tmp / "corpus.db")
+    try:
+        for space, (xc, xq) in spaces.items():
+            d = xc.shape[1]
+            for m_s in args.db_shortlist_sizes:
+                name = f"bench_{space}_{m_s}"
+                store = open_vectordb(
+                    backend, uri, name, dim=d, shortlist_size=m_s, model_name="bench"
+                )
+                store.drop()
+                store.close()
+                store = open_vectordb(
+                    backend,
+                    uri,
+                    name,
+                    dim=d,
+                    shortlist_size=m_s,
+                    model_name="bench",
+                    hnsw_m=args.hnsw_m,
+                    ef_construction=args.ef_construction,
+                )
+                t0 = time.perf_counter()
+                store.add(xc)
+                build_s = time.perf_counter() - t0
+                # pgvector: table + indexes; Milvus Lite: the .db folder (0 for a server)
+                size = int(getattr(store, "nbytes", 0)) or _disk_bytes(Path(uri))
+                for kp in args.shortlist_ks:
+                    store.shortlist_k, store.ef_search = kp, kp
+                    store.search(xq[:10], k)  # warm up
+                    (_, ids), secs = timed(lambda s=store, xq=xq: s.search(xq, k), args.db_repeats)
+                    add_row(
+                        f"{backend} m_s={m_s} k'={kp} -> {d}",
+                        space,
+                        ids,
+                        secs,
+                        shortlist_size=m_s,
+                        shortlist_k=kp,
+                        backend=backend,
+                        bytes_per_query=float("nan"),
+                        index_bytes=size,
+                        build_s=build_s,
+                    )
+                store.drop()
+                store.close()
+    finally:
+        if server is not None:
+            server.cleanup()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def print_table(res: dict[str, Any]) -> None:
@@ -355,6 +441,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shortlist-ks", type=int, nargs="+", default=[50, 100, 200, 400])
     p.add_argument("--hnsw-m", type=int, default=16)
     p.add_argument("--ef-construction", type=int, default=80)
+    p.add_argument("--backends", default="", help="vector databases to add, e.g. milvus,pgvector")
+    p.add_argument("--db-shortlist-sizes", type=int, nargs="+", default=[64])
+    p.add_argument("--db-repeats", type=int, default=1, help="timed runs per database setting")
+    p.add_argument("--milvus-uri", default=None, help="Milvus URI (default: Lite on a temp file)")
+    p.add_argument(
+        "--pg-url", default=None, help="PostgreSQL URL (default: pgserver in a temp dir)"
+    )
     p.add_argument("--out", default="results/retrieval.json")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
 

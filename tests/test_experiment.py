@@ -38,7 +38,15 @@ def test_end_to_end_tiny_experiment(tmp_path, mnist_small):
     assert knn["FF-8 + truncation"][-1] == knn["FF"][-1]
     assert knn["FF-8 + pca"][-1] == pytest.approx(knn["FF"][-1], abs=0.02)
     assert json.loads((tmp_path / "metrics.json").read_text())["sizes"] == [2, 4, 8]
-    assert "MRL minus FF" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "MRL minus FF" in report
+    # the adaptive cascade: fit on val, measured on test; its expected size lies on the ladder
+    for name in ("MRL", "MRL-E"):
+        res = results["adaptive"][name]
+        assert 2 <= res["expected_dim"] <= 8
+        assert sum(res["fraction_per_size"].values()) == pytest.approx(1.0)
+        assert f"Adaptive {name} cascade" in report
+    assert (tmp_path / "curve_cascade.png").read_bytes()[:4] == b"\x89PNG"
     for sub in ("mrl", "mrl-e", "ff-2", "ff-4", "ff-8"):
         assert (tmp_path / "runs" / sub / "model.json").is_file()
 

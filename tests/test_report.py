@@ -12,6 +12,7 @@ RESULTS = {
         "map@10": {"MRL": [0.4, 0.6, 0.8], "FF": [0.3, 0.5, 0.85]},
     },
     "notes": ["a finding"],
+    "curves": {"casc": {"title": "cascade", "series": {"A": {"x": [2.5, 6.0], "y": [0.5, 0.8]}}}},
     "meta": {"wall_seconds": 1.5},
 }
 
@@ -24,6 +25,8 @@ def test_write_report_tables_plots_and_json(tmp_path):
     assert "| m | MRL | FF |" in text
     assert "| 8 | 90.0 | – |" in text
     assert "![map@10](map_at_10.png)" in text
+    assert "- A: (2.5, 50.0), (6, 80.0)" in text
+    assert (tmp_path / "curve_casc.png").is_file()
     for png in ("top1.png", "map_at_10.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_results(tmp_path) == json.loads(json.dumps(RESULTS))

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from matryoshka.adaptive.classify import AdaptiveClassifier, cascade_curve
 from matryoshka.data.images import ImageSplits, load_dataset
 from matryoshka.evaluate import (
     POSTHOC,
@@ -49,6 +50,7 @@ class ImageExperimentConfig:
     posthoc: tuple[str, ...] = POSTHOC
     out_dir: str = "runs/demo"
     map_k: int = 10
+    cascade_tolerance: float = 0.005
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -87,11 +89,32 @@ def run_image_experiment(
         for metric, values in zip(METRIC_LABELS, zip(*rows, strict=True), strict=True):
             metrics[metric][name] = list(values)
 
+    adaptive: dict[str, dict[str, Any]] = {}
+    cascade_series: dict[str, dict[str, list[float]]] = {}
     for method in (m for m in config.methods if m != "ff"):
         name = {"mrl": "MRL", "mrl-e": "MRL-E"}[method]
         run = train(replace(base, method=method, out_dir=str(out / "runs" / method)), data)
         train_seconds[name] = run.seconds
-        top1 = (predict_logits(run.model, data.x_test).argmax(-1) == data.y_test).double().mean(1)
+        test_logits = predict_logits(run.model, data.x_test)  # (L, N, C)
+        top1 = (test_logits.argmax(-1) == data.y_test).double().mean(1)
+        # Adaptive classification: thresholds fit on the validation split, measured on test.
+        head = run.model.head
+        cascade = AdaptiveClassifier(head, head.nesting, tolerance=config.cascade_tolerance)
+        cascade.fit(torch.from_numpy(embed(run.model, data.x_val)), data.y_val)
+        adaptive[name] = cascade.evaluate(
+            torch.from_numpy(embed(run.model, data.x_test)), data.y_test
+        )
+        curve = cascade_curve(
+            test_logits.numpy(), y_test, head.nesting, tied=head.tied, seed=base.seed
+        )
+        cascade_series[f"{name} cascade"] = {
+            "x": [p["expected_dim"] for p in curve["cascade"]],
+            "y": [p["accuracy"] for p in curve["cascade"]],
+        }
+        cascade_series[f"{name} fixed sizes"] = {
+            "x": [p["expected_dim"] for p in curve["fixed"]],
+            "y": [p["accuracy"] for p in curve["fixed"]],
+        }
         z_tr, z_te = embed(run.model, data.x_train), embed(run.model, data.x_test)
         record(
             name,
@@ -126,7 +149,19 @@ def run_image_experiment(
         "sizes": sizes,
         "metrics": metrics,
         "metric_labels": METRIC_LABELS,
-        "notes": _findings(metrics, sizes),
+        "notes": _findings(metrics, sizes) + _adaptive_findings(adaptive, metrics, sizes),
+        "adaptive": adaptive,
+        "curves": {
+            "cascade": {
+                "title": "adaptive classification: top-1 against expected dimension (test)",
+                "xlabel": "expected representation size (log2)",
+                "ylabel": "top-1 accuracy",
+                "log2x": True,
+                "series": cascade_series,
+            }
+        }
+        if cascade_series
+        else {},
         "meta": {
             "wall_seconds": round(time.perf_counter() - t0, 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -140,6 +175,22 @@ def run_image_experiment(
     }
     write_report(results, out)
     return results
+
+
+def _adaptive_findings(
+    adaptive: dict[str, dict[str, Any]],
+    metrics: dict[str, dict[str, list[float | None]]],
+    sizes: list[int],
+) -> list[str]:
+    notes = []
+    for name, res in adaptive.items():
+        full = metrics["top1"][name][-1] or 0.0
+        notes.append(
+            f"Adaptive {name} cascade (thresholds fit on val to stay within the tolerance of "
+            f"full size): test top-1 {100 * res['accuracy']:.1f} at an expected size of "
+            f"{res['expected_dim']:.1f} dims, against {100 * full:.1f} at {sizes[-1]} dims."
+        )
+    return notes
 
 
 def _findings(metrics: dict[str, dict[str, list[float | None]]], sizes: list[int]) -> list[str]:

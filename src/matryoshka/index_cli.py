@@ -8,6 +8,13 @@
         --shortlist-k 200 --rerank 384        # funnel: shortlist from the index, rerank at 384
     mrl search --index corpus-64.index --interactive   # one vector per stdin line
     mrl bench retrieval --encoder static --pca        # runs benchmarks/retrieval.py
+
+Vector databases (the funnel runs inside them; see :mod:`matryoshka.vectordb`):
+
+    mrl index build corpus.npy --backend milvus --uri ./corpus.db --collection wordnet --dim 64
+    mrl index build corpus.npy --backend pgvector --uri postgresql://u:p@host/db --dim 64
+    mrl search --backend milvus --uri ./corpus.db --collection wordnet --queries q.npy \\
+        --shortlist-k 200 --rerank 128 384
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from matryoshka.index import BACKENDS, load_index, make_index
+
+DB_BACKENDS = ("milvus", "pgvector")  # funnel stores in vector databases (matryoshka.vectordb)
 
 __all__ = ["cmd_bench_retrieval", "cmd_index_build", "cmd_search", "register"]
 
@@ -43,8 +52,54 @@ def _load_npy(path: str, name: str, mmap: bool = False) -> np.ndarray:
     return arr
 
 
+def _db_open(args: argparse.Namespace, **kwargs: Any) -> Any:
+    """Open the ``--backend milvus|pgvector`` store named by ``--uri`` and ``--collection``."""
+    from matryoshka.vectordb import open_vectordb
+
+    if not args.uri:
+        raise ValueError(
+            f"--backend {args.backend} needs --uri: a Milvus Lite file (./corpus.db), a Milvus "
+            f"server (http://host:19530) or a PostgreSQL URL (postgresql://user:pass@host/db)."
+        )
+    return open_vectordb(args.backend, args.uri, args.collection, **kwargs)
+
+
+def _db_build(args: argparse.Namespace) -> int:
+    """``mrl index build --backend milvus|pgvector``: ingest ``(N, d)`` embeddings, ``m_s = --dim``."""
+    try:
+        x = _load_npy(args.embeddings, "embeddings", mmap=True)
+        store = _db_open(
+            args,
+            dim=x.shape[1],
+            shortlist_size=args.dim if args.dim is not None else x.shape[1],
+            model_name=args.model_name,
+            normalize=args.normalize,
+            hnsw_m=args.hnsw_m,
+            ef_construction=args.ef_construction,
+            batch_size=min(args.batch, 8192),
+            progress=not args.quiet,
+        )
+        with store:
+            store.add(x, ids=np.arange(x.shape[0]))  # ids = row numbers, as in the file indexes
+            print(f"wrote {store.where}: {store.ntotal} items, {store}")
+    except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:
+        return _fail(str(e))
+    return 0
+
+
+def _db_search(args: argparse.Namespace) -> Any:
+    """The ``search`` function of the ``--backend milvus|pgvector`` store (funnel in the DB)."""
+    kwargs: dict[str, Any] = {"model_name": args.model_name, "shortlist_k": args.shortlist_k}
+    kwargs["rerank"] = tuple(args.rerank) if args.rerank else None
+    if args.ef_search is not None:
+        kwargs["ef_search"] = args.ef_search
+    return _db_open(args, **kwargs).search
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
     """``mrl index build``: embeddings ``.npy`` ``(N, d)`` -> saved index over prefixes ``:dim``."""
+    if args.backend in DB_BACKENDS:
+        return _db_build(args)
     try:
         x = _load_npy(args.embeddings, "embeddings", mmap=True)
         dim = args.dim if args.dim is not None else x.shape[1]
@@ -83,9 +138,15 @@ def _read_vectors(lines: Iterable[str]) -> Iterable[np.ndarray]:
 def cmd_search(args: argparse.Namespace) -> int:
     """``mrl search``: batch (``--queries q.npy``) or ``--interactive`` (a vector per line)."""
     try:
-        index = load_index(args.index, model_name=args.model_name)
-        search: Any = index.search
-        if args.funnel_corpus:
+        if args.backend in DB_BACKENDS:
+            search: Any = _db_search(args)
+            index: Any = f"{args.backend} store {args.collection!r} at {args.uri!r}"
+        elif not args.index:
+            return _fail("pass --index FILE, or --backend milvus|pgvector --uri URI.")
+        else:
+            index = load_index(args.index, model_name=args.model_name)
+            search = index.search
+        if args.funnel_corpus and args.backend not in DB_BACKENDS:
             from matryoshka.adaptive.retrieve import FunnelRetriever
 
             rerank = tuple(args.rerank) if args.rerank else None
@@ -104,7 +165,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             return _fail("pass --queries Q.npy (batch) or --interactive.")
         q = _load_npy(args.queries, "queries")
         scores, ids = search(q, args.k)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:
         return _fail(str(e))
     if args.out and args.out.endswith(".npz"):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +201,14 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
     return int(module["run_and_report"](args))
 
 
+def _add_db_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the vector-database backends (``--backend milvus|pgvector``)."""
+    p.add_argument(
+        "--uri", default=None, help="milvus: ./file.db or http://host:19530; pgvector: a PG URL"
+    )
+    p.add_argument("--collection", default="matryoshka", help="vector DB collection/table name")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``index build``, ``search`` and ``bench retrieval`` to the ``mrl`` parser."""
     p_index = subparsers.add_parser("index", help="build vector indexes over embedding prefixes")
@@ -147,7 +216,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = index_sub.add_parser("build", help="index an (N, d) embeddings .npy at prefix size --dim")
     p.add_argument("embeddings", help="(N, d) float .npy (read memory-mapped)")
     p.add_argument("--dim", type=int, default=None, help="prefix size m to index (default: d)")
-    p.add_argument("--backend", choices=BACKENDS, default="exact")
+    p.add_argument("--backend", choices=BACKENDS + DB_BACKENDS, default="exact")
     p.add_argument("--model-name", default="unknown", help="embedding model, saved in the header")
     p.add_argument("--out", default=None, help="index file (default: EMBEDDINGS.m<dim>.index)")
     p.add_argument(
@@ -160,10 +229,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=int, default=16, help="IVF cells visited per query")
     p.add_argument("--batch", type=int, default=65536, help="rows added at a time")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_db_arguments(p)
     p.set_defaults(func=cmd_index_build)
 
     p = subparsers.add_parser("search", help="search a saved index (batch or interactive)")
-    p.add_argument("--index", required=True, help="index file from `mrl index build`")
+    p.add_argument("--index", default=None, help="index file from `mrl index build`")
     p.add_argument("--queries", default=None, help="(Q, d) query embeddings .npy")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--out", default=None, help="results: .jsonl (ids, scores) or .npz")
@@ -172,6 +242,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--funnel-corpus", default=None, help="(N, d) .npy: rerank through a funnel")
     p.add_argument("--shortlist-k", type=int, default=200, help="funnel shortlist size k'")
     p.add_argument("--rerank", type=int, nargs="+", default=None, help="funnel rerank sizes")
+    p.add_argument("--backend", choices=DB_BACKENDS, default=None, help="search a vector DB")
+    p.add_argument("--ef-search", type=int, default=None, help="vector DB: HNSW search beam")
+    _add_db_arguments(p)
     p.set_defaults(func=cmd_search)
 
     p_bench = subparsers.add_parser("bench", help="benchmarks")

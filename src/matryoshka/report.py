@@ -9,6 +9,8 @@ Every evaluator produces one results dict in this schema, and :func:`write_repor
       "meta": {...},            # optional: anything JSON-ready (timings, config)
       "notes": ["..."],         # optional: findings in words, shown above the tables
       "metric_labels": {"top1": "top-1 accuracy"},  # optional
+      "curves": {"cascade": {"title": ..., "xlabel": ..., "ylabel": ..., "log2x": true,
+                 "series": {"MRL cascade": {"x": [...], "y": [...]}, ...}}},  # optional
     }
 
 Values may be ``null`` where a method has no result at a size.
@@ -21,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_results", "plot_metric", "validate_results", "write_report"]
+__all__ = ["load_results", "plot_curve", "plot_metric", "validate_results", "write_report"]
 
 
 def validate_results(results: dict[str, Any]) -> None:
@@ -77,6 +79,31 @@ def plot_metric(results: dict[str, Any], metric: str, path: Path) -> Path:
     return path
 
 
+def plot_curve(curve: dict[str, Any], path: Path) -> Path:
+    """One PNG of free-form series (``{"series": {label: {"x": [...], "y": [...]}}}``), e.g.
+    accuracy against expected dimension for an adaptive cascade."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for label, series in curve["series"].items():
+        ax.plot(series["x"], series["y"], marker="o", ms=4, label=label)
+    if curve.get("log2x"):
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(curve.get("xlabel", ""))
+    ax.set_ylabel(curve.get("ylabel", ""))
+    ax.set_title(curve.get("title", ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
     """Write ``metrics.json``, one ``<metric>.png`` per metric and ``report.md``; returns the
     Markdown path."""
@@ -103,6 +130,15 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
             row = [_fmt(by_method[meth][i]) for meth in methods]
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines += ["", f"![{metric}]({png.name})", ""]
+    for name, curve in results.get("curves", {}).items():
+        png = plot_curve(curve, out / f"curve_{name}.png")
+        lines += [f"## {curve.get('title', name)}", ""]
+        for label, series in curve["series"].items():
+            points = ", ".join(
+                f"({x:.3g}, {_fmt(y)})" for x, y in zip(series["x"], series["y"], strict=True)
+            )
+            lines.append(f"- {label}: {points}")
+        lines += ["", f"![{name}]({png.name})", ""]
     meta = results.get("meta")
     if meta:
         lines += ["## Run", "", "```json", json.dumps(meta, indent=1), "```", ""]

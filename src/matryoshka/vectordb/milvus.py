@@ -1,0 +1,236 @@
+"""Funnel retrieval in Milvus: Milvus Lite (a local file), a Milvus server, or a Milvus cluster.
+
+One collection per corpus, fields ``id`` (INT64 primary key), ``short_prefix``
+(FLOAT_VECTOR ``m_s``, unit-normalised when ``normalize``, HNSW index, inner product) and
+``embedding`` (FLOAT_VECTOR ``d``, the vector as given; a FLAT index, which Milvus requires on
+every vector field before loading). The header is a collection property (JSON).
+
+A search sends the queries' short prefixes to the HNSW index on ``short_prefix`` and asks for the
+shortlisted items' ``embedding`` in the same request; the rerank chain then runs in the client
+(Milvus has no expression to score a prefix of a stored vector). The URI alone picks the
+deployment: ``./corpus.db`` runs the embedded engine from ``milvus-lite``, ``http://host:19530``
+talks to a server or a cluster's proxy; nothing in this module depends on which.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from matryoshka.vectordb import DatabaseFunnel, check_name, rerank_candidates
+
+__all__ = ["MilvusFunnel"]
+
+_HEADER_KEY = "matryoshka.header"
+_NEXT_ID_KEY = "matryoshka.next_id"
+_FETCH_BYTES = 32 * 2**20  # bound on the vectors one search request brings back
+
+
+def _import() -> Any:
+    try:
+        import pymilvus
+    except ImportError as e:
+        raise ImportError(
+            "The Milvus backend needs pymilvus (and milvus-lite for local files), which is not "
+            "installed: pip install 'matryoshka[milvus]'."
+        ) from e
+    return pymilvus
+
+
+class MilvusFunnel(DatabaseFunnel):
+    """A corpus in a Milvus collection, searched with the Matryoshka funnel.
+
+    Args:
+        uri: ``./corpus.db`` (Milvus Lite, embedded) or ``http://host:19530`` (server/cluster).
+        collection: collection name (letters, digits, underscores).
+        dim, shortlist_size, model_name, normalize, shortlist_k, rerank, ef_search, batch_size,
+            progress: see :class:`matryoshka.vectordb.DatabaseFunnel`.
+        hnsw_m, ef_construction: HNSW build parameters (``M``, ``efConstruction``), new collections.
+        token: ``"user:password"`` or an API key for a secured server; ``db_name``: its database.
+        timeout: seconds for connecting and for each request.
+    """
+
+    backend = "milvus"
+    max_ann_k = 16384  # Milvus' largest topk
+
+    def __init__(
+        self,
+        uri: str,
+        collection: str = "matryoshka",
+        *,
+        dim: int | None = None,
+        shortlist_size: int | None = None,
+        model_name: str | None = None,
+        normalize: bool | None = None,
+        shortlist_k: int = 200,
+        rerank: Sequence[int] | None = None,
+        ef_search: int = 100,
+        hnsw_m: int = 16,
+        ef_construction: int = 64,
+        batch_size: int = 4096,
+        progress: bool = True,
+        token: str = "",
+        db_name: str = "",
+        timeout: float = 30,
+    ) -> None:
+        self._pm = pymilvus = _import()
+        self.uri = str(uri)
+        self.name = check_name(collection, "collection")
+        self.shortlist_k, self.rerank, self.ef_search = shortlist_k, rerank, ef_search
+        self.batch_size = int(batch_size)
+        self.progress = progress
+        self.timeout = timeout
+        try:
+            self._client = pymilvus.MilvusClient(
+                uri=self.uri, token=token, db_name=db_name, timeout=timeout
+            )
+        except pymilvus.MilvusException as e:
+            raise ConnectionError(
+                f"cannot connect to Milvus at uri={self.uri!r}: {getattr(e, 'message', e)}. For "
+                f"a server or cluster check that it runs and the URI/token are right; for Milvus "
+                f"Lite pass a file path in an existing folder and pip install milvus-lite."
+            ) from None
+        stored: dict[str, Any] | None = None
+        if self._client.has_collection(self.name):
+            props = self._client.describe_collection(self.name).get("properties", {}) or {}
+            try:
+                stored = json.loads(props.get(_HEADER_KEY, "{}"))
+            except ValueError:
+                stored = {}
+        create = self._setup(
+            stored,
+            self.where,
+            dim=dim,
+            shortlist_size=shortlist_size,
+            model_name=model_name,
+            normalize=normalize,
+            hnsw_m=hnsw_m,
+            ef_construction=ef_construction,
+        )
+        if create:
+            self._create()
+        self._client.load_collection(self.name)
+
+    @property
+    def where(self) -> str:
+        return f"Milvus collection {self.name!r} at {self.uri!r}"
+
+    def _create(self) -> None:
+        pm, c = self._pm, self._client
+        schema = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", pm.DataType.INT64, is_primary=True)
+        schema.add_field("short_prefix", pm.DataType.FLOAT_VECTOR, dim=self.shortlist_size)
+        schema.add_field("embedding", pm.DataType.FLOAT_VECTOR, dim=self.dim)
+        index = c.prepare_index_params()
+        index.add_index(
+            field_name="short_prefix",
+            index_type="HNSW",
+            metric_type="IP",
+            params={"M": self.header_["hnsw_m"], "efConstruction": self.header_["ef_construction"]},
+        )
+        index.add_index(field_name="embedding", index_type="FLAT", metric_type="IP")
+        c.create_collection(
+            self.name, schema=schema, index_params=index, consistency_level="Strong"
+        )
+        c.alter_collection_properties(
+            self.name, properties={_HEADER_KEY: self._header_json(), _NEXT_ID_KEY: "0"}
+        )
+
+    # -- storage ---------------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        rows = self._client.query(self.name, filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    def _next_id(self) -> int:
+        props = self._client.describe_collection(self.name).get("properties", {}) or {}
+        return int(props.get(_NEXT_ID_KEY, 0))
+
+    def _write(self, x: np.ndarray, ids: np.ndarray, upsert: bool) -> None:
+        if not upsert and ids.size:
+            # Milvus would silently store a second row under an existing primary key.
+            present = self._existing(ids)
+            if present:
+                raise ValueError(
+                    f"ids {present[:5]} are already in {self.where}: use upsert(vectors, ids) "
+                    f"to replace them, or add(vectors) without ids to append under new ids."
+                )
+        write = self._client.upsert if upsert else self._client.insert
+        step = max(1, self.batch_size)
+        with tqdm(
+            total=x.shape[0], desc=f"milvus {self.name}", disable=not self.progress, leave=False
+        ) as bar:
+            for s in range(0, x.shape[0], step):
+                xb, ib = x[s : s + step], ids[s : s + step]
+                short = self.prefix(xb, self.shortlist_size)  # (b, m_s)
+                rows = [
+                    {"id": int(i), "short_prefix": sv, "embedding": fv}
+                    for i, sv, fv in zip(ib, short, xb, strict=True)
+                ]
+                write(self.name, rows)
+                bar.update(xb.shape[0])
+        if ids.size and int(ids.max()) + 1 > self._next_id():
+            self._client.alter_collection_properties(
+                self.name, properties={_NEXT_ID_KEY: str(int(ids.max()) + 1)}
+            )
+
+    def _existing(self, ids: np.ndarray) -> list[int]:
+        found: list[int] = []
+        for s in range(0, ids.size, 8192):
+            chunk = ids[s : s + 8192].tolist()
+            rows = self._client.query(self.name, filter=f"id in {chunk}", output_fields=["id"])
+            found += [int(r["id"]) for r in rows]
+        return sorted(found)
+
+    def _delete(self, ids: np.ndarray) -> int:
+        present = self._existing(ids)
+        if present:
+            self._client.delete(self.name, ids=present)
+        return len(present)
+
+    # -- search ------------------------------------------------------------------------------------
+    def _search(
+        self,
+        q: np.ndarray,
+        k: int,
+        kp: int,
+        chain: tuple[int, ...],
+        keeps: tuple[int, ...],
+        scores: np.ndarray,
+        ids: np.ndarray,
+    ) -> None:
+        if kp > self.max_ann_k:
+            raise ValueError(
+                f"shortlist_k={kp} is above Milvus' largest topk {self.max_ann_k}: use "
+                f"shortlist_k <= {self.max_ann_k}."
+            )
+        qs = self.prefix(q, self.shortlist_size)  # (Q, m_s)
+        batch = max(1, _FETCH_BYTES // (kp * self.dim * 4))
+        params = {"metric_type": "IP", "params": {"ef": max(self.ef_search, kp)}}
+        for s in range(0, q.shape[0], batch):
+            hits = self._client.search(
+                self.name,
+                data=qs[s : s + batch],
+                anns_field="short_prefix",
+                limit=kp,
+                search_params=params,
+                output_fields=["embedding"],
+            )
+            for j, row in enumerate(hits, start=s):
+                if not len(row):
+                    continue
+                cand = np.fromiter((h["id"] for h in row), np.int64, len(row))  # (c,)
+                full = np.asarray([h["entity"]["embedding"] for h in row], np.float32)  # (c, d)
+                sc, top = rerank_candidates(self, q[j], cand, full, chain, keeps)
+                scores[j, : top.size], ids[j, : top.size] = sc, top
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._client.close()
+
+    def drop(self) -> None:
+        self._client.drop_collection(self.name)
