@@ -29,7 +29,7 @@ def test_end_to_end_tiny_experiment(tmp_path, mnist_small):
         "FF-8 + pca",
         "FF-8 + random-projection",
     }
-    for metric in ("top1", "knn1", "map@10"):
+    for metric in ("top1", "probe", "knn1", "map@10"):
         for values in results["metrics"][metric].values():
             assert len(values) == 3
             assert all(0.0 <= v <= 1.0 for v in values)
