@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from matryoshka.data.images import ImageSplits, load_mnist_subset
 
@@ -27,3 +30,15 @@ def mnist_small(mnist: ImageSplits) -> ImageSplits:
         y_test=mnist.y_test[::5][:200],
         num_classes=10,
     )
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch and BLAS thread for modules of tiny tensor ops: on a 2-core machine shared with
+    other jobs, two threads spin-wait for a busy core (measured 10-25x slower: two fine-tuning
+    steps took 35 s with two threads, 1.3 s with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(before)

@@ -25,14 +25,7 @@ from matryoshka.adaptive import (
 )
 from matryoshka.index import make_index
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Any:
-    """One intra-op thread: tiny matmuls on a shared 2-core machine otherwise spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from matryoshka import Nesting
 from matryoshka.adaptor import MatryoshkaAdaptor, NotFittedError
@@ -17,14 +15,7 @@ from matryoshka.ops import truncate_numpy
 NEST = Nesting([4, 8, 32])
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """These tensors are tiny: one thread is faster, and steady on a machine shared with others
-    (two threads spin-wait for a busy core and take 2-10x longer)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clustered(n: int = 600, d: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

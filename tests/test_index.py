@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from matryoshka.index import (
     NO_SCORE,
@@ -20,14 +19,7 @@ from matryoshka.index import (
     make_index,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Any:
-    """One intra-op thread: tiny matmuls on a shared 2-core machine otherwise spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clustered(n: int, d: int, seed: int, n_clusters: int = 40, noise: float = 0.35) -> np.ndarray:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from matryoshka.adaptor import MatryoshkaAdaptor
@@ -31,17 +29,7 @@ RECIPE = Path(__file__).parent.parent / "configs" / "text_wordnet.yaml"
 TEXTS = ["a domesticated canid", "a large body of water", "move fast on foot", "quickly"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small batches on a shared 2-core machine: one thread avoids spin-waiting (see
-    tests/test_text_eval.py)."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -30,17 +29,7 @@ needs_text = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small batches on a 2-core machine shared with other jobs: one torch thread is 10-25x
-    faster than two spin-waiting for a busy core (measured: 2 fine-tuning steps 1.3 s vs 35 s)."""
-    from threadpoolctl import threadpool_limits  # BLAS (numpy SVD, sklearn) likewise
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_retrieval_metrics_by_hand() -> None:
