@@ -116,3 +116,53 @@ def test_prefix_similarities_match_per_size_cosine(n, q, k, seed):
     for i, m in enumerate(n):
         want = F.normalize(a[:, :m], dim=1) @ F.normalize(b[:, :m], dim=1).T
         torch.testing.assert_close(sims[i], want, rtol=1e-10, atol=1e-10)
+
+
+@SETTINGS
+@given(
+    st.integers(1, 12),  # d
+    st.integers(1, 40),  # corpus size
+    st.integers(1, 5),  # queries
+    st.integers(1, 50),  # k (may exceed the corpus)
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
+def test_exact_index_matches_brute_force(d, n, q, k, normalize, seed):
+    from matryoshka.index import NO_SCORE, make_index
+
+    rng = np.random.default_rng(seed)
+    corpus = rng.normal(size=(n, d)).astype(np.float32)
+    queries = rng.normal(size=(q, d)).astype(np.float32)
+    index = make_index("exact", d, normalize=normalize).add(corpus)
+    scores, ids = index.search(queries, k)
+    assert scores.shape == ids.shape == (q, k)
+    c = truncate_numpy(corpus, d, normalize=normalize)
+    qq = truncate_numpy(queries, d, normalize=normalize)
+    want = qq @ c.T  # (q, n)
+    found = min(k, n)
+    for i in range(q):
+        best = np.sort(want[i])[::-1][:found]
+        np.testing.assert_allclose(scores[i, :found], best, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(want[i, ids[i, :found]], scores[i, :found], rtol=1e-4, atol=1e-4)
+        assert (ids[i, found:] == -1).all()
+        assert (scores[i, found:] == NO_SCORE).all()
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(ladders(max_dim=12), st.integers(0, 2**31 - 1))
+def test_adaptor_outputs_nested_unit_prefixes(n, seed):
+    from matryoshka.adaptor import MatryoshkaAdaptor
+
+    x = np.random.default_rng(seed).normal(size=(24, n.dim)).astype(np.float32)
+    adaptor = MatryoshkaAdaptor(n, hidden=8, epochs=1, batch_size=8, progress=False, seed=seed).fit(
+        x
+    )
+    full = adaptor.transform(x, normalize=False)
+    assert full.shape == (24, n.dim)
+    assert np.isfinite(full).all()
+    for m in n:
+        prefix = adaptor.transform(x, dim=m)
+        np.testing.assert_allclose(np.linalg.norm(prefix, axis=1), 1.0, rtol=1e-4)
+        np.testing.assert_allclose(
+            prefix, truncate_numpy(full, m, normalize=True), rtol=1e-4, atol=1e-5
+        )
