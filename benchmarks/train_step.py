@@ -56,7 +56,10 @@ class MatryoshkaModel(nn.Module):
 
 
 def make_step(
-    model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
 ) -> Callable[[], None]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
@@ -88,9 +91,15 @@ def main() -> None:
 
     steps = {
         "plain (Linear + CE)": make_step(PlainModel(args.classes), F.cross_entropy, x, y),
-        "MRL fused": make_step(MatryoshkaModel(args.classes, nesting, tied=False), matryoshka, x, y),
-        "MRL-E fused": make_step(MatryoshkaModel(args.classes, nesting, tied=True), matryoshka, x, y),
-        "MRL per-size loop": make_step(MatryoshkaModel(args.classes, nesting, False, loop=True), matryoshka, x, y),
+        "MRL fused": make_step(
+            MatryoshkaModel(args.classes, nesting, tied=False), matryoshka, x, y
+        ),
+        "MRL-E fused": make_step(
+            MatryoshkaModel(args.classes, nesting, tied=True), matryoshka, x, y
+        ),
+        "MRL per-size loop": make_step(
+            MatryoshkaModel(args.classes, nesting, False, loop=True), matryoshka, x, y
+        ),
     }
     for step in steps.values():
         for _ in range(args.warmup):
@@ -116,7 +125,9 @@ def main() -> None:
     args.out.write_text(
         json.dumps(
             {
-                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "config": {
+                    k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                },
                 "nesting": list(nesting),
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
