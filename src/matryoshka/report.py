@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,8 @@ def plot_metric(results: dict[str, Any], metric: str, path: Path) -> Path:
     ax.set_xticks(sizes)
     ax.set_xticklabels([str(s) for s in sizes])
     ax.set_xlabel("representation size m (log2)")
-    ax.set_ylabel(label)
-    ax.set_title(f"{results['task']}: {label}")
+    ax.set_ylabel(metric)
+    ax.set_title(textwrap.fill(f"{results['task']}: {label}", 70), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -94,7 +95,7 @@ def plot_curve(curve: dict[str, Any], path: Path) -> Path:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(curve.get("xlabel", ""))
     ax.set_ylabel(curve.get("ylabel", ""))
-    ax.set_title(curve.get("title", ""))
+    ax.set_title(textwrap.fill(curve.get("title", ""), 70), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
