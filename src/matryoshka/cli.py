@@ -18,7 +18,12 @@ from typing import Any
 __all__ = ["add_dataclass_arguments", "build_parser", "main"]
 
 # Modules that add their own subcommands with a `register(subparsers)` function, if installed.
-_PLUGINS = ("matryoshka.index_cli", "matryoshka.text_cli", "matryoshka.serve_cli")
+_PLUGINS = (
+    "matryoshka.index_cli",
+    "matryoshka.text_cli",
+    "matryoshka.serve_cli",
+    "matryoshka.apps.cli",
+)
 
 
 def _arg_type(annotation: str) -> dict[str, Any]:
