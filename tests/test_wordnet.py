@@ -19,13 +19,7 @@ from matryoshka.data.wordnet import (
     mask_example,
     split_synsets,
 )
-
-WORDNET = Path("/usr/share/wordnet")
-needs_wordnet = pytest.mark.skipif(
-    not (WORDNET / "data.noun").is_file(),
-    reason="WordNet is not installed at /usr/share/wordnet "
-    "(apt-get install --no-install-recommends wordnet-base)",
-)
+from tests.markers import WORDNET, needs_wordnet
 
 HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
 NOUN = (
