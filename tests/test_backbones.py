@@ -10,7 +10,7 @@ from matryoshka.models import MatryoshkaClassifier
 from matryoshka.nesting import Nesting
 
 
-@pytest.mark.parametrize("name", ["cnn", "cnn_tiny", "mlp", "resnet18"])
+@pytest.mark.parametrize("name", ["cnn", "cnn_tiny", "mlp", "resnet18", "vit_tiny"])
 def test_backbones_map_images_to_embeddings(name):
     torch.manual_seed(0)
     net = create_backbone(name, embed_dim=24, in_channels=1)

@@ -41,4 +41,4 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
 
 
 # Importing the modules registers their backbones.
-from matryoshka.backbones import cnn, mlp, resnet  # noqa: E402, F401
+from matryoshka.backbones import cnn, mlp, resnet, vit  # noqa: E402, F401
