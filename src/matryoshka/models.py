@@ -9,7 +9,20 @@ from matryoshka.heads import MatryoshkaHead
 from matryoshka.nesting import Nesting
 from matryoshka.ops import truncate
 
-__all__ = ["MatryoshkaClassifier"]
+__all__ = ["MatryoshkaClassifier", "backbone_dim"]
+
+
+def backbone_dim(backbone: nn.Module, nesting: Nesting) -> int:
+    """The embedding size ``d`` a backbone declares (``backbone.embed_dim``), checked against the
+    nesting's largest size."""
+    embed_dim = getattr(backbone, "embed_dim", None)
+    if embed_dim is None:
+        raise ValueError(
+            f"backbone={type(backbone).__name__} has no embed_dim attribute: set "
+            "backbone.embed_dim to the size of its output (B, d)."
+        )
+    nesting.check_dim(int(embed_dim), "backbone.embed_dim")
+    return int(embed_dim)
 
 
 class MatryoshkaClassifier(nn.Module):
@@ -23,16 +36,10 @@ class MatryoshkaClassifier(nn.Module):
         self, backbone: nn.Module, num_classes: int, nesting: Nesting, tied: bool = False
     ) -> None:
         super().__init__()
-        embed_dim = getattr(backbone, "embed_dim", None)
-        if embed_dim is None:
-            raise ValueError(
-                f"backbone={type(backbone).__name__} has no embed_dim attribute: set "
-                "backbone.embed_dim to the size of its output (B, d)."
-            )
-        nesting.check_dim(int(embed_dim), "backbone.embed_dim")
+        embed_dim = backbone_dim(backbone, nesting)
         self.backbone = backbone
         self.nesting = nesting
-        self.head = MatryoshkaHead(int(embed_dim), num_classes, nesting, tied=tied)
+        self.head = MatryoshkaHead(embed_dim, num_classes, nesting, tied=tied)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, ...) -> (B, d)``."""

@@ -29,6 +29,7 @@ from matryoshka.backbones import create_backbone
 from matryoshka.data.images import load_mnist_subset
 from matryoshka.heads import MatryoshkaHead
 from matryoshka.losses import MatryoshkaLoss
+from matryoshka.models import backbone_dim
 from matryoshka.nesting import Nesting
 from matryoshka.train import seed_everything
 
@@ -61,17 +62,11 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         if not tasks:
             raise ValueError("tasks={} is empty: give at least one {name: num_classes}.")
-        dim = getattr(backbone, "embed_dim", None)
-        if dim is None:
-            raise ValueError(
-                f"backbone={type(backbone).__name__} has no embed_dim attribute: set it to the "
-                "size of its (B, d) output."
-            )
-        nesting.check_dim(int(dim), "backbone.embed_dim")
+        dim = backbone_dim(backbone, nesting)
         self.backbone = backbone
         self.nesting = nesting
         self.heads = nn.ModuleDict(
-            {t: MatryoshkaHead(int(dim), c, nesting, tied=tied) for t, c in tasks.items()}
+            {t: MatryoshkaHead(dim, c, nesting, tied=tied) for t, c in tasks.items()}
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
