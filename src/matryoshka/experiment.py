@@ -101,15 +101,16 @@ def run_image_experiment(
         name = {"mrl": "MRL", "mrl-e": "MRL-E"}[method]
         run = train(replace(base, method=method, out_dir=str(out / "runs" / method)), data)
         train_seconds[name] = run.seconds
-        test_logits = predict_logits(run.model, data.x_test)  # (L, N, C)
+        # One backbone pass per split; the heads run on the stored embeddings.
+        z_tr, z_te = embed(run.model, data.x_train), embed(run.model, data.x_test)
+        head = run.model.head
+        with torch.no_grad():
+            test_logits = head(torch.from_numpy(z_te))  # (L, N, C)
         top1 = (test_logits.argmax(-1) == data.y_test).double().mean(1)
         # Adaptive classification: thresholds fit on the validation split, measured on test.
-        head = run.model.head
         cascade = AdaptiveClassifier(head, head.nesting, tolerance=config.cascade_tolerance)
         cascade.fit(torch.from_numpy(embed(run.model, data.x_val)), data.y_val)
-        adaptive[name] = cascade.evaluate(
-            torch.from_numpy(embed(run.model, data.x_test)), data.y_test
-        )
+        adaptive[name] = cascade.evaluate(torch.from_numpy(z_te), data.y_test)
         curve = cascade_curve(
             test_logits.numpy(), y_test, head.nesting, tied=head.tied, seed=base.seed
         )
@@ -121,7 +122,6 @@ def run_image_experiment(
             "x": [p["expected_dim"] for p in curve["fixed"]],
             "y": [p["accuracy"] for p in curve["fixed"]],
         }
-        z_tr, z_te = embed(run.model, data.x_train), embed(run.model, data.x_test)
         record(
             name,
             [
