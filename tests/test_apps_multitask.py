@@ -1,6 +1,10 @@
-"""Multi-task MRL: the aggregated loss, the heads, and the recipe's config errors."""
+"""Multi-task MRL: the aggregated loss, the heads, the recipe's config errors, and the WordNet
+variant end to end on ~60 definitions with the real MiniLM."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,12 +12,18 @@ import torch.nn.functional as F
 
 from matryoshka.apps.multitask import (
     DIGIT_TASKS,
+    WORDNET_TASKS,
     MultiTaskConfig,
     MultiTaskLoss,
     MultiTaskModel,
+    run_multitask,
+    wordnet_labels,
+    wordnet_task_data,
 )
 from matryoshka.backbones import create_backbone
+from matryoshka.data.wordnet import Synset, load_synsets
 from matryoshka.nesting import Nesting
+from tests.markers import WORDNET, needs_text, needs_wordnet
 
 
 def _model(nesting: Nesting) -> MultiTaskModel:
@@ -111,3 +121,122 @@ def test_model_and_config_errors():
         MultiTaskConfig(tasks=["digit", "parity"], task_weights=[1.0])
     with pytest.raises(ValueError, match="epochs=0 must be a positive int"):
         MultiTaskConfig(epochs=0)
+
+
+def test_config_defaults_follow_the_data_set():
+    mnist = MultiTaskConfig()
+    assert (mnist.tasks, mnist.backbone, mnist.backbone_width) == (
+        ["digit", "parity", "high"],
+        "cnn",
+        16,
+    )
+    wordnet = MultiTaskConfig(data="wordnet")
+    assert (wordnet.tasks, wordnet.backbone, wordnet.backbone_width) == (
+        ["pos", "lexname"],
+        "mlp",
+        None,
+    )
+    assert wordnet.weights() == {"pos": 1.0, "lexname": 1.0}
+
+
+def test_wordnet_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"data='cifar' is not one of \['mnist', 'wordnet'\]"):
+        MultiTaskConfig(data="cifar")
+    with pytest.raises(ValueError, match=r"must be a non-empty list from .*'lexname'.*"):
+        MultiTaskConfig(data="wordnet", tasks=["digit"])
+    with pytest.raises(ValueError, match=r"backbone='cnn' cannot read data='wordnet'.*'mlp'"):
+        MultiTaskConfig(data="wordnet", backbone="cnn")
+    with pytest.raises(ValueError, match=r"wordnet_fraction=0.0 must be in \(0, 1\]"):
+        MultiTaskConfig(data="wordnet", wordnet_fraction=0.0)
+    with pytest.raises(ValueError, match="backbone_width=0 must be a positive int"):
+        MultiTaskConfig(data="wordnet", backbone_width=0)
+    with pytest.raises(ValueError, match=r"tasks \['digit'\] are not WordNet tasks"):
+        wordnet_labels([], ["digit"])
+    with pytest.raises(ValueError, match=r"fraction=1.5 must be in \(0, 1\]"):
+        wordnet_task_data(["pos"], fraction=1.5)
+
+
+@pytest.fixture(scope="module")
+def synsets() -> list[Synset]:
+    return load_synsets(WORDNET)
+
+
+@needs_wordnet
+def test_wordnet_labels_match_the_lexicographer_files(synsets):
+    labels = wordnet_labels(synsets, ["pos", "ss_type", "lexname"], WORDNET)
+    pos = [WORDNET_TASKS["pos"][i] for i in labels["pos"].tolist()]
+    lex = [WORDNET_TASKS["lexname"][i] for i in labels["lexname"].tolist()]
+    prefix = {"noun": "n", "verb": "v", "adj": "a", "adv": "r"}
+    assert all(prefix[name.split(".")[0]] == p for p, name in zip(pos, lex, strict=True))
+    # WordNet 3.0: 82,115 nouns, 13,767 verbs, 7,463 head adjectives, 10,693 satellites, 3,621
+    # adverbs; satellites are adjectives of the coarse task.
+    counts = torch.bincount(labels["ss_type"], minlength=5).tolist()
+    assert dict(zip(WORDNET_TASKS["ss_type"], counts, strict=True)) == {
+        "n": 82115,
+        "v": 13767,
+        "a": 7463,
+        "s": 10693,
+        "r": 3621,
+    }
+    satellite = labels["ss_type"] == WORDNET_TASKS["ss_type"].index("s")
+    assert (labels["pos"][satellite] == WORDNET_TASKS["pos"].index("a")).all()
+
+
+@needs_wordnet
+def test_wordnet_split_too_small_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"fraction=1e-05 leaves 0 training and 0 test synsets"):
+        wordnet_task_data(["pos"], WORDNET, fraction=1e-5)
+
+
+@needs_wordnet
+@needs_text
+@pytest.mark.usefixtures("one_thread")
+def test_wordnet_recipe_end_to_end_on_a_tiny_subset(tmp_path: Path, monkeypatch):
+    config = MultiTaskConfig(
+        data="wordnet",
+        tasks=["pos", "lexname"],
+        task_weights=[0.5, 1.0],
+        backbone_width=16,
+        embed_dim=8,
+        nesting_start=2,
+        epochs=2,
+        batch_size=16,
+        single_task_baselines=True,
+        ordinary_baseline=True,
+        wordnet_fraction=0.0005,  # 59 synsets: 47 train, 6 test
+        cache_dir=str(tmp_path / "cache"),
+        out_dir=str(tmp_path / "out"),
+        progress=False,
+    )
+    results = run_multitask(config)
+    assert results["sizes"] == [2, 4, 8]
+    assert results["meta"]["train_examples"] == 47
+    assert results["meta"]["test_examples"] == 6
+    methods = {
+        "multi-task MRL",
+        "single-task MRL (pos)",
+        "single-task MRL (lexname)",
+        "ordinary multi-task, truncated + new heads",
+    }
+    for task in ("pos", "lexname"):
+        by_method = results["metrics"][f"top1_{task}"]
+        assert set(by_method) == {m for m in methods if "single" not in m or task in m}
+        assert all(0.0 <= v <= 1.0 for values in by_method.values() for v in values)
+    out = tmp_path / "out"
+    assert (out / "report.md").is_file()
+    assert (out / "top1_lexname.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["task"].startswith(
+        "Multi-task MRL on WordNet definitions (all-MiniLM-L6-v2"
+    )
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+    # A second load reuses the cached embeddings: encoding again would raise.
+    def no_encoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("encoded again instead of reading the cache")
+
+    monkeypatch.setattr("matryoshka.text.TextEncoder.encode", no_encoding)
+    data = wordnet_task_data(
+        ["ss_type"], WORDNET, fraction=0.0005, cache_dir=tmp_path / "cache", progress=False
+    )
+    assert data.x_train.shape == (47, 384)
+    assert data.num_classes == {"ss_type": 5}
