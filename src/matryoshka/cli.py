@@ -86,10 +86,38 @@ def _train_config(args: argparse.Namespace) -> Any:
         raise SystemExit(f"mrl: bad config: {e}") from None
 
 
+def _text_train_config(data: dict[str, Any], args: argparse.Namespace) -> Any:
+    """A ``task: text`` recipe: the flags that both configs share override its keys."""
+    from matryoshka.text_train import TextTrainConfig
+    from matryoshka.train import TrainConfig
+
+    shared = {f.name for f in dataclasses.fields(TextTrainConfig)}
+    data.update({k: v for k, v in _overrides(args, TrainConfig).items() if k in shared})
+    try:
+        return TextTrainConfig.from_dict(data)
+    except ValueError as e:
+        raise SystemExit(f"mrl: bad config: {e}") from None
+
+
+def _print_text_tables(results: dict[str, Any]) -> None:
+    for metric in ("ndcg@10", "recall@10"):
+        table = results["metrics"][metric]
+        print(f"{metric:>6} " + "".join(f"{name:>18}" for name in table))
+        for i, m in enumerate(results["sizes"]):
+            print(f"{m:>6} " + "".join(f"{100 * v[i]:>17.1f}%" for v in table.values()))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """``mrl train``: one run from a YAML recipe and/or flags."""
+    """``mrl train``: one run from a YAML recipe and/or flags (``task: text``: a text model)."""
     from matryoshka.train import train
 
+    data = _load_yaml(args.config)
+    if data.get("task") == "text":
+        from matryoshka.text_train import train_text
+
+        folder = train_text(_text_train_config(data, args))
+        print(f"saved {folder / 'model'}; evaluate it with: mrl eval --model {folder}")
+        return 0
     config = _train_config(args)
     result = train(config)
     last = result.history[-1]["val_acc"] if result.history else []
@@ -98,10 +126,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``mrl eval``: top-1 per size of a saved model on its data set's test split."""
+    """``mrl eval``: top-1 per size of a saved model on its data set's test split, or per-size
+    retrieval of a text run (a folder with ``text_model.json``) on its held-out synsets."""
     from matryoshka.data.images import load_dataset
+    from matryoshka.text_train import evaluate_text_model, is_text_run
     from matryoshka.train import TrainConfig, load_model, predict_logits
 
+    if is_text_run(args.model):
+        results = evaluate_text_model(args.model)
+        _print_text_tables(results)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return 0
     model, meta = load_model(args.model)
     config = TrainConfig.from_dict(meta["config"])
     data = load_dataset(config.data, config.data_root, seed=config.seed)
@@ -154,13 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrl", description="Matryoshka Representation Learning")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one model (mrl, mrl-e or ff)")
+    p = sub.add_parser("train", help="train one model (mrl, mrl-e or ff; or a `task: text` recipe)")
     p.add_argument("--config", help="YAML recipe of TrainConfig fields (flags override it)")
     add_dataclass_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1 per size of a saved model on its test split")
-    p.add_argument("--model", required=True, help="model.json written by mrl train")
+    p.add_argument(
+        "--model", required=True, help="model.json written by mrl train, or a text run folder"
+    )
     p.add_argument("--json", help="also write the table to this JSON file")
     p.set_defaults(func=cmd_eval)
 

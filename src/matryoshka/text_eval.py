@@ -87,6 +87,7 @@ def finetune(
     batch_size: int = 32,
     lr: float = 2e-5,
     epochs: int = 1,
+    temperature: float = 0.05,
     seed: int = 0,
     progress: bool = True,
 ) -> TextEncoder:
@@ -102,7 +103,7 @@ def finetune(
         )
     model = TextEncoder(copy.deepcopy(encoder.model), name=f"{encoder.name}-ft")
     plain = Nesting([nesting.dim])
-    loss_fn = MatryoshkaContrastiveLoss(nesting if matryoshka else plain)
+    loss_fn = MatryoshkaContrastiveLoss(nesting if matryoshka else plain, temperature=temperature)
     opt = torch.optim.AdamW(model.model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     model.model.train()

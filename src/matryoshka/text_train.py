@@ -1,0 +1,242 @@
+"""Fine-tune a text encoder with the Matryoshka contrastive loss, save it, evaluate it per size.
+
+    mrl train --config configs/text_wordnet_mrl.yaml        # a YAML with `task: text`
+    mrl eval --model runs/text_mrl                            # per-size retrieval on held-out synsets
+
+Training pairs are WordNet (definition, lemmas) pairs from a seeded share of the synsets; the
+loss is the fused :class:`~matryoshka.contrastive.MatryoshkaContrastiveLoss` over every size of
+the nesting (``matryoshka: false`` trains plain InfoNCE at the full size only, the baseline that
+is truncated afterwards). The run folder holds ``model/`` (a sentence-transformers model folder,
+loadable with ``SentenceTransformer(path)`` or ``TextEncoder(path)``) and ``text_model.json``
+(the config, the split and the timings). Evaluation re-creates the same seeded split, so its
+queries are synsets the model never saw, and reports nDCG@10, recall@10/100 and MRR@10 per size
+next to the base model truncated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from matryoshka.io import atomic_write_bytes
+
+__all__ = [
+    "TEXT_MODEL_FILE",
+    "TextTrainConfig",
+    "evaluate_text_model",
+    "is_text_run",
+    "train_text",
+]
+
+#: The metadata file that marks a run folder as a fine-tuned text model.
+TEXT_MODEL_FILE = "text_model.json"
+_FORMAT = "matryoshka.text_model/1"
+
+
+@dataclass
+class TextTrainConfig:
+    """Options of :func:`train_text` (YAML keys; ``task: text`` routes ``mrl train`` here).
+
+    Validated on construction; :meth:`from_dict` reads a YAML recipe's mapping.
+    """
+
+    task: str = field(
+        default="text",
+        metadata={"help": "must be 'text' (tells `mrl train` this is a text recipe)"},
+    )
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "sentence-transformers model name or path (default: the bundled all-MiniLM-L6-v2)"
+        },
+    )
+    sizes: list[int] = field(
+        default_factory=lambda: [8, 16, 32, 64, 128, 256, 384],
+        metadata={"help": "prefix sizes, increasing, the last one the model's dimension"},
+    )
+    matryoshka: bool = field(
+        default=True,
+        metadata={
+            "help": "train every size with the fused Matryoshka loss (false: full size only)"
+        },
+    )
+    train_fraction: float = field(
+        default=0.05, metadata={"help": "share of synsets the training pairs come from"}
+    )
+    test_fraction: float = field(
+        default=0.02, metadata={"help": "share of synsets held out for evaluation"}
+    )
+    train_pairs: int = field(
+        default=2000, metadata={"help": "(definition, lemmas) pairs to train on"}
+    )
+    epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per step (in-batch negatives)"})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate"})
+    temperature: float = field(
+        default=0.05, metadata={"help": "softmax temperature on cosine similarities"}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of the split, the pair sample and the batch order"}
+    )
+    out_dir: str = field(
+        default="runs/text_mrl", metadata={"help": "run folder: model/ and text_model.json"}
+    )
+    wordnet_root: str = field(
+        default="/usr/share/wordnet", metadata={"help": "WordNet data folder"}
+    )
+    cache_dir: str = field(
+        default=".cache/embeddings", metadata={"help": "embedding cache folder (evaluation)"}
+    )
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def __post_init__(self) -> None:
+        from matryoshka.nesting import Nesting
+
+        if self.task != "text":
+            raise ValueError(f"task={self.task!r} must be 'text' in a text training recipe.")
+        Nesting(list(self.sizes))  # raises naming sizes= and the fix
+        for name in ("train_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+                raise ValueError(
+                    f"{name}={value!r} must be a share of the synsets in (0, 1], e.g. 0.05."
+                )
+        if self.train_fraction + self.test_fraction > 1:
+            raise ValueError(
+                f"train_fraction={self.train_fraction} + test_fraction={self.test_fraction} > 1: "
+                "the splits must not overlap; make them sum to at most 1."
+            )
+        for name, low in (("train_pairs", 2), ("epochs", 1), ("batch_size", 2), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an int >= {low}.")
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name}={value!r} must be a positive float.")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TextTrainConfig:
+        """Build from a mapping (e.g. a YAML recipe); unknown keys are an error naming them."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown text training option(s) {unknown}: the valid keys are {known}."
+            )
+        return cls(**data)
+
+
+def _split(config: TextTrainConfig) -> tuple[list[Any], list[Any]]:
+    from matryoshka.data.wordnet import load_synsets, split_synsets
+
+    synsets = load_synsets(config.wordnet_root)
+    fractions = {"train": config.train_fraction, "test": config.test_fraction}
+    split = split_synsets(synsets, config.seed, fractions)
+    return split["train"], split["test"]
+
+
+def train_text(config: TextTrainConfig) -> Path:
+    """Fine-tune, save ``out_dir/model`` and ``out_dir/text_model.json``; returns the folder."""
+    from matryoshka.nesting import Nesting
+    from matryoshka.text import TextEncoder
+    from matryoshka.text_eval import finetune
+
+    t0 = time.time()
+    base = TextEncoder(config.model)
+    nesting = Nesting(list(config.sizes))
+    if nesting.dim != base.dim:
+        raise ValueError(
+            f"sizes={list(config.sizes)} ends at {nesting.dim}, but {base.name} embeds in "
+            f"{base.dim} dimensions: make the last size {base.dim}."
+        )
+    train, _ = _split(config)
+    pick = np.random.default_rng(config.seed).permutation(len(train))[: config.train_pairs]
+    pairs = [train[i] for i in sorted(pick.tolist())]
+    tuned = finetune(
+        base,
+        [s.definition for s in pairs],
+        [s.lemma_text for s in pairs],
+        nesting,
+        matryoshka=config.matryoshka,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        epochs=config.epochs,
+        temperature=config.temperature,
+        seed=config.seed,
+        progress=config.progress,
+    )
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tuned.model.save(str(out / "model"))
+    meta = {
+        "format": _FORMAT,
+        "config": dataclasses.asdict(config),
+        "base_model": base.name,
+        "train_pairs": len(pairs),
+        "train_seconds": round(time.time() - t0, 1),
+    }
+    atomic_write_bytes(out / TEXT_MODEL_FILE, json.dumps(meta, indent=2).encode())
+    return out
+
+
+def is_text_run(path: str | Path) -> bool:
+    """Whether ``path`` is a run folder (or its ``text_model.json``) written by :func:`train_text`."""
+    p = Path(path)
+    return (p / TEXT_MODEL_FILE).is_file() or (p.name == TEXT_MODEL_FILE and p.is_file())
+
+
+def evaluate_text_model(
+    path: str | Path, cache_dir: str | Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Per-size retrieval (definition -> lemmas) of a saved text run on its held-out synsets.
+
+    Returns ``{"sizes", "metrics": {metric: {"fine-tuned": [...], "base truncated": [...]}},
+    "meta"}`` with values in [0, 1], one per size.
+    """
+    from matryoshka.data.wordnet import definition_to_lemmas
+    from matryoshka.ops import truncate_numpy
+    from matryoshka.text import TextEncoder, encode_cached
+    from matryoshka.text_eval import retrieval_metrics
+
+    p = Path(path)
+    folder = p.parent if p.name == TEXT_MODEL_FILE else p
+    if not is_text_run(folder):
+        raise FileNotFoundError(
+            f"path={str(path)!r} holds no {TEXT_MODEL_FILE}: pass a run folder written by "
+            "`mrl train` with a text recipe (task: text)."
+        )
+    meta = json.loads((folder / TEXT_MODEL_FILE).read_text())
+    if meta.get("format") != _FORMAT:
+        raise ValueError(
+            f"{folder / TEXT_MODEL_FILE} has format={meta.get('format')!r}, not {_FORMAT!r}: "
+            "it was not written by matryoshka.text_train."
+        )
+    config = TextTrainConfig.from_dict(meta["config"])
+    cache = Path(cache_dir if cache_dir is not None else config.cache_dir)
+    _, test = _split(config)
+    task = definition_to_lemmas(test)
+    kind = "mrl" if config.matryoshka else "plain"
+    tuned = TextEncoder(str(folder / "model"), name=f"{Path(folder).name}-{kind}")
+    models = {"fine-tuned": tuned, "base truncated": TextEncoder(config.model)}
+    metrics: dict[str, dict[str, list[float]]] = {}
+    for label, enc in models.items():
+        key = f"wordnet/s{config.seed}/test{round(config.test_fraction * 1000)}"
+        q = encode_cached(task.queries, enc, cache, f"{key}/definitions", progress=progress)
+        c = encode_cached(task.corpus, enc, cache, f"{key}/lemmas", progress=progress)
+        for m in config.sizes:
+            scores = retrieval_metrics(task, truncate_numpy(q, m, True), truncate_numpy(c, m, True))
+            for metric, value in scores.items():
+                metrics.setdefault(metric, {}).setdefault(label, []).append(value)
+    return {
+        "task": "wordnet definition->lemmas retrieval (held-out synsets)",
+        "sizes": list(config.sizes),
+        "metrics": metrics,
+        "meta": {"queries": len(task.queries), "corpus": len(task.corpus), **meta},
+    }

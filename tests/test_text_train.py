@@ -1,0 +1,93 @@
+"""`mrl train` with a text recipe and `mrl eval` on the saved run: a few real MiniLM steps."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from matryoshka.cli import main
+from matryoshka.text_train import TextTrainConfig, evaluate_text_model, is_text_run
+from tests.markers import needs_text, needs_wordnet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RECIPE = Path(__file__).parent.parent / "configs" / "text_wordnet_mrl.yaml"
+
+
+def test_the_shipped_recipe_is_a_valid_text_config() -> None:
+    config = TextTrainConfig.from_dict(yaml.safe_load(RECIPE.read_text()))
+    assert config.matryoshka
+    assert config.sizes[-1] == 384
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("task", "image", "task='image' must be 'text'"),
+        ("sizes", [8, 4], "sizes"),
+        ("train_fraction", 0.0, "train_fraction=0.0 must be a share"),
+        ("test_fraction", 0.99, "the splits must not overlap"),
+        ("train_pairs", 1, "train_pairs=1 must be an int >= 2"),
+        ("lr", -1.0, "lr=-1.0 must be a positive float"),
+        ("bogus", 1, "unknown text training option(s) ['bogus']"),
+    ],
+)
+def test_bad_text_config_values_are_named(key: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TextTrainConfig.from_dict({key: value})
+
+
+def test_eval_of_a_folder_without_a_text_run_is_explained(tmp_path: Path) -> None:
+    assert not is_text_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"holds no text_model\.json"):
+        evaluate_text_model(tmp_path)
+
+
+@needs_text
+@needs_wordnet
+def test_train_then_eval_a_text_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "text.yaml"
+    out = tmp_path / "run"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "task": "text",
+                "sizes": [32, 128, 384],
+                "train_fraction": 0.001,  # ~118 synsets
+                "test_fraction": 0.0005,  # ~59 held-out synsets
+                "train_pairs": 16,
+                "batch_size": 8,
+                "lr": 1e-4,
+                "out_dir": str(out),
+                "cache_dir": str(tmp_path / "cache"),
+                "progress": False,
+            }
+        )
+    )
+    # --seed is a TrainConfig flag too: shared flags override the recipe's keys.
+    assert main(["train", "--config", str(recipe), "--seed", "3"]) == 0
+    meta = json.loads((out / "text_model.json").read_text())
+    assert meta["config"]["seed"] == 3
+    assert meta["train_pairs"] == 16
+    assert (out / "model" / "config.json").is_file()
+
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(out), "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "ndcg@10" in printed
+    assert "fine-tuned" in printed
+    res = json.loads(report.read_text())
+    assert res["sizes"] == [32, 128, 384]
+    assert res["meta"]["queries"] > 20
+    tuned = np.array(res["metrics"]["ndcg@10"]["fine-tuned"])
+    base = np.array(res["metrics"]["ndcg@10"]["base truncated"])
+    assert tuned.shape == base.shape == (3,)
+    assert ((tuned >= 0) & (tuned <= 1)).all()
+    assert ((base >= 0) & (base <= 1)).all()
+    # Sixteen pairs at lr 1e-4 change the weights: the fine-tuned scores are its own.
+    assert not np.allclose(tuned, base)
