@@ -115,6 +115,7 @@ def test_tiny_wordnet_evaluation_writes_a_report(tmp_path: Path, shared_cache: P
         "base truncated",
         "base + PCA",
         "base + adaptor",
+        "base + adaptor (supervised)",
         "fine-tuned MRL",
         "fine-tuned plain",
     }
@@ -123,9 +124,13 @@ def test_tiny_wordnet_evaluation_writes_a_report(tmp_path: Path, shared_cache: P
         for values in saved["metrics"][metric].values():
             assert len(values) == len(sizes)
             assert all(0.0 <= v <= 1.0 for v in values)
-    probe = saved["metrics"]["lexname probe accuracy"]["base truncated"]
-    assert len(probe) == len(sizes)
-    assert all(0.0 <= v <= 1.0 for v in probe)
+    probes = saved["metrics"]["lexname probe accuracy"]
+    assert set(probes) == methods - {"fine-tuned MRL", "fine-tuned plain"}
+    for probe in probes.values():
+        assert len(probe) == len(sizes)
+        assert all(0.0 <= v <= 1.0 for v in probe)
+    # at full size PCA is a rotation of the features: the probe sees the same information
+    assert probes["base + PCA"][-1] == pytest.approx(probes["base truncated"][-1], abs=0.06)
     ndcg, r10 = saved["metrics"]["ndcg@10"], saved["metrics"]["recall@10"]
     assert all(
         n <= r + 1e-9 for n, r in zip(ndcg["base truncated"], r10["base truncated"], strict=True)

@@ -105,6 +105,13 @@ class TextEvalConfig:
         metadata={"help": "(definition, lemmas) pairs to fine-tune on; 0 skips fine-tuning"},
     )
     adaptor_epochs: int = field(default=6, metadata={"help": "epochs of the adaptor fit"})
+    adaptor_reg: float = field(
+        default=0.5,
+        metadata={"help": "supervised adaptor: weight keeping the map near its PCA start"},
+    )
+    probe_limit: int = field(
+        default=10000, metadata={"help": "at most this many training synsets for the probe"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the split, sampling and training"})
     cache_dir: str = field(default=".cache/embeddings", metadata={"help": "embedding cache folder"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
@@ -124,7 +131,12 @@ class TextEvalConfig:
                 f"train_fraction={self.train_fraction} + test_fraction={self.test_fraction} > 1: "
                 "the splits must not overlap; make them sum to at most 1."
             )
-        for name, low in (("train_pairs", 0), ("adaptor_epochs", 1), ("seed", 0)):
+        if isinstance(self.adaptor_reg, bool) or not (
+            isinstance(self.adaptor_reg, int | float) and self.adaptor_reg >= 0
+        ):
+            raise ValueError(f"adaptor_reg={self.adaptor_reg!r} must be a float >= 0, e.g. 0.5.")
+        checks = (("train_pairs", 0), ("adaptor_epochs", 1), ("probe_limit", 10), ("seed", 0))
+        for name, low in checks:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} must be an int >= {low}.")
@@ -745,6 +757,8 @@ def cmd_text_eval(args: argparse.Namespace) -> int:
             test_fraction=config.test_fraction,
             train_pairs=config.train_pairs,
             adaptor_epochs=config.adaptor_epochs,
+            adaptor_reg=config.adaptor_reg,
+            probe_limit=config.probe_limit,
             seed=config.seed,
             cache_dir=Path(config.cache_dir),
             progress=config.progress,

@@ -2,12 +2,13 @@
 
     python -m matryoshka.text_eval [--out results/text_wordnet] [--train-pairs 2000]
 
-Retrieval (definition -> lemmas on a held-out split): nDCG@10, recall@10, recall@100 and
+Retrieval (definition -> lemmas on held-out synsets): nDCG@10, recall@10, recall@100 and
 MRR@10 per prefix size for the base model truncated, base + PCA (uncentred, fitted on training
-embeddings), base + :class:`~matryoshka.adaptor.MatryoshkaAdaptor` (unsupervised, fitted on
-training embeddings), MiniLM fine-tuned with the fused Matryoshka loss, and fine-tuned with
-plain InfoNCE (full size only) and then truncated. Classification: a logistic-regression probe
-per size on definition -> lexicographer category (45-way), base model.
+embeddings), base + :class:`~matryoshka.adaptor.MatryoshkaAdaptor` fitted on the training
+embeddings (unsupervised), the same adaptor also trained on the training (definition, lemmas)
+pairs (supervised), MiniLM fine-tuned with the fused Matryoshka loss, and fine-tuned with plain
+InfoNCE (full size only) and then truncated. Classification: a logistic-regression probe per
+size on definition -> lexicographer category (45-way) for each map of the base embeddings.
 
 Results are written as ``{"task", "sizes", "metrics": {metric: {method: [per size]}}, "meta"}``
 JSON (and rendered by ``matryoshka.report.write_report`` where that module exists).
@@ -48,6 +49,7 @@ __all__ = [
     "linear_probe",
     "retrieval_metrics",
     "run_wordnet_evaluation",
+    "wordnet_split",
 ]
 
 Transform = Callable[[np.ndarray, int], np.ndarray]
@@ -126,11 +128,24 @@ def finetune(
     return model
 
 
+def wordnet_split(
+    synsets: Sequence[Synset], seed: int, train_fraction: float, test_fraction: float
+) -> tuple[list[Synset], list[Synset]]:
+    """Seeded ``(train, test)`` synsets; the test share is drawn first, so the held-out
+    synsets do not change when ``train_fraction`` does."""
+    split = split_synsets(synsets, seed, {"test": test_fraction, "train": train_fraction})
+    return split["train"], split["test"]
+
+
 def _pca(train: np.ndarray) -> Transform:
     x = train / np.linalg.norm(train, axis=1, keepdims=True)
     _, _, vh = np.linalg.svd(x.astype(np.float64), full_matrices=False)
     rot = vh.T.astype(np.float32)  # (d, d), uncentred: best rank-m inner products
     return lambda e, m: truncate_numpy(e @ rot, m, normalize=True)
+
+
+def _adaptor_transform(adaptor: MatryoshkaAdaptor) -> Transform:
+    return lambda e, m: adaptor.transform(e, dim=m)
 
 
 def run_wordnet_evaluation(
@@ -140,11 +155,18 @@ def run_wordnet_evaluation(
     test_fraction: float = 0.02,
     train_pairs: int = 2000,
     adaptor_epochs: int = 6,
+    adaptor_reg: float = 0.5,
+    probe_limit: int = 10000,
     seed: int = 0,
     cache_dir: Path = Path(".cache/embeddings"),
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the whole evaluation; returns the results dict (also written to ``out_dir``)."""
+    """Run the whole evaluation; returns the results dict (also written to ``out_dir``).
+
+    The adaptors are fitted on every training synset's definition and lemma embeddings; the
+    supervised one also on their (definition, lemmas) pairs, with ``adaptor_reg`` holding it
+    near its PCA start. The probe trains on at most ``probe_limit`` training synsets.
+    """
     t0 = time.time()
     nesting = Nesting(list(sizes))
     if isinstance(train_pairs, bool) or not isinstance(train_pairs, int) or train_pairs < 0:
@@ -157,9 +179,7 @@ def run_wordnet_evaluation(
             f"sizes={list(sizes)} ends at {nesting.dim}, but {base.name} embeds in {base.dim} "
             f"dimensions: make the last size {base.dim}."
         )
-    synsets: list[Synset] = load_synsets()
-    split = split_synsets(synsets, seed, {"train": train_fraction, "test": test_fraction})
-    train, test = split["train"], split["test"]
+    train, test = wordnet_split(load_synsets(), seed, train_fraction, test_fraction)
     task = definition_to_lemmas(test)
 
     def emb(enc: TextEncoder, texts: Sequence[str], what: str) -> np.ndarray:
@@ -167,7 +187,7 @@ def run_wordnet_evaluation(
             list(texts), enc, cache_dir=cache_dir, key=f"wordnet/s{seed}/{what}", progress=progress
         )
 
-    tr_frac = f"train{round(train_fraction * 100)}"
+    tr_frac = f"train{round(train_fraction * 1000)}"
     q_base = emb(base, task.queries, "test/definitions")
     c_base = emb(base, task.corpus, "test/lemmas")
     tr_def = emb(base, [s.definition for s in train], f"{tr_frac}/definitions")
@@ -177,10 +197,23 @@ def run_wordnet_evaluation(
     methods: dict[str, tuple[np.ndarray, np.ndarray, Transform]] = {}
     methods["base truncated"] = (q_base, c_base, lambda e, m: truncate_numpy(e, m, True))
     methods["base + PCA"] = (q_base, c_base, _pca(fit_on))
-    t_ad = time.time()
-    adaptor = MatryoshkaAdaptor(nesting, epochs=adaptor_epochs, progress=progress).fit(fit_on)
-    adaptor_s = time.time() - t_ad
-    methods["base + adaptor"] = (q_base, c_base, lambda e, m: adaptor.transform(e, dim=m))
+    adaptor_s: dict[str, float] = {}
+    for name, supervised in (("base + adaptor", False), ("base + adaptor (supervised)", True)):
+        t_ad = time.time()
+        adaptor = MatryoshkaAdaptor(
+            nesting,
+            epochs=adaptor_epochs,
+            reg=adaptor_reg if supervised else 0.0,
+            seed=seed,
+            progress=progress,
+        )
+        if supervised:
+            adaptor.fit(fit_on, queries=tr_def, documents=tr_lem)
+        else:
+            adaptor.fit(fit_on)
+        adaptor_s[name] = time.time() - t_ad
+        methods[name] = (q_base, c_base, _adaptor_transform(adaptor))
+    linear = list(methods)  # maps of the base embeddings: the probe runs on each of them
 
     # A seeded sample of the training split (its file order puts every noun first).
     pick = np.random.default_rng(seed).permutation(len(train))[:train_pairs]
@@ -211,17 +244,15 @@ def run_wordnet_evaluation(
                 metrics.setdefault(metric, {}).setdefault(method, []).append(value)
 
     probe_train, probe_test = lexname_task(train), lexname_task(test)
+    keep = np.sort(np.random.default_rng(seed).permutation(len(train))[:probe_limit])
+    y_train = np.asarray(probe_train.labels)[keep]
     te_def = emb(base, probe_test.texts, "test/definitions")  # = task.queries: a cache hit
-    for m in nesting:
-        acc = linear_probe(
-            truncate_numpy(tr_def, m, True),
-            probe_train.labels,
-            truncate_numpy(te_def, m, True),
-            probe_test.labels,
-        )
-        metrics.setdefault("lexname probe accuracy", {}).setdefault("base truncated", []).append(
-            acc
-        )
+    probe = metrics.setdefault("lexname probe accuracy", {})
+    for method in tqdm(linear, desc="lexname probes", disable=not progress):
+        fn = methods[method][2]
+        for m in nesting:
+            acc = linear_probe(fn(tr_def[keep], m), y_train, fn(te_def, m), probe_test.labels)
+            probe.setdefault(method, []).append(acc)
     results: dict[str, Any] = {
         "task": "wordnet definition->lemmas retrieval; definition->lexname probe",
         "sizes": list(nesting.sizes),
@@ -232,8 +263,9 @@ def run_wordnet_evaluation(
             "corpus": len(task.corpus),
             "train_synsets": len(train),
             "train_pairs": len(pairs),
+            "probe_train_synsets": len(keep),
             "seed": seed,
-            "adaptor_fit_s": round(adaptor_s, 1),
+            "adaptor_fit_s": {k: round(v, 1) for k, v in adaptor_s.items()},
             "finetune_s": {k: round(v, 1) for k, v in finetune_s.items()},
             "total_s": round(time.time() - t0, 1),
         },

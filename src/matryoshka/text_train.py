@@ -134,12 +134,11 @@ class TextTrainConfig:
 
 
 def _split(config: TextTrainConfig) -> tuple[list[Any], list[Any]]:
-    from matryoshka.data.wordnet import load_synsets, split_synsets
+    from matryoshka.data.wordnet import load_synsets
+    from matryoshka.text_eval import wordnet_split
 
     synsets = load_synsets(config.wordnet_root)
-    fractions = {"train": config.train_fraction, "test": config.test_fraction}
-    split = split_synsets(synsets, config.seed, fractions)
-    return split["train"], split["test"]
+    return wordnet_split(synsets, config.seed, config.train_fraction, config.test_fraction)
 
 
 def train_text(config: TextTrainConfig) -> Path:
