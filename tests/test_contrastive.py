@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from matryoshka import Nesting
-from matryoshka.contrastive import Matryoshka2dContrastiveLoss, MatryoshkaContrastiveLoss
+from matryoshka.contrastive import (
+    Matryoshka2dContrastiveLoss,
+    MatryoshkaContrastiveLoss,
+    _softmax_needs_no_logs,
+)
+from tests.st_reference import st_loss, st_matryoshka_mnrl
 
 NEST = Nesting([3, 5, 8, 12], [1.0, 0.5, 2.0, 1.0])
 
@@ -65,46 +69,116 @@ def test_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda a, b: loss(a, b).loss, (q, k))
 
 
-class _FixedEmbeddings(nn.Module):
-    """A sentence-transformers "model" whose forward returns the given embeddings."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"sentence_embedding": features["emb"]}
-
-    def get_embedding_dimension(self) -> int:
-        return self.dim
-
-
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_equals_sentence_transformers_matryoshka_mnrl(symmetric: bool) -> None:
-    st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
+    pytest.importorskip("sentence_transformers")
     nesting = Nesting([4, 8, 16, 24], [1.0, 2.0, 0.5, 1.0])
-    model = _FixedEmbeddings(24)
-    kwargs: dict[str, object] = {}
-    if symmetric:
-        kwargs = {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"}
     # MNRL: scale = 1 / temperature, cosine similarity; ST sorts the dims but keeps each weight
-    st = st_losses.MatryoshkaLoss(
-        model,
-        st_losses.MultipleNegativesRankingLoss(model, scale=1 / 0.05, **kwargs),
-        [16, 4, 24, 8],
-        [0.5, 1.0, 1.0, 2.0],
-    )
+    st = st_matryoshka_mnrl(24, [16, 4, 24, 8], [0.5, 1.0, 1.0, 2.0], 1 / 0.05, symmetric)
     g = torch.Generator().manual_seed(1)
     cols = [
         torch.randn(8, 24, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)
     ]
     if symmetric:
         cols = cols[:2]  # ST's doc_to_query uses the positives only
-    ref = st([{"emb": c} for c in cols], None)
+    ref = st_loss(st, *cols)
     ours = MatryoshkaContrastiveLoss(nesting, 0.05, symmetric)(cols[0], torch.cat(cols[1:])).loss
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(ours, cols), torch.autograd.grad(ref, cols), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_large_scale_takes_the_log_softmax_path(symmetric: bool) -> None:
+    # scale 1000 in float64: exp(-2 scale) underflows, so the shortcuts are off
+    assert not _softmax_needs_no_logs(1000.0, 10, torch.float64)
+    q, k = _inputs(6, 10 if not symmetric else 6, seed=2)
+    loss = MatryoshkaContrastiveLoss(NEST, temperature=1e-3, symmetric=symmetric)
+    out = loss(q, k)
+    ref = naive(q, k, NEST, 1e-3, symmetric)
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-9)
+    for a, b in zip(
+        torch.autograd.grad(out.loss, [q, k]), torch.autograd.grad(ref, [q, k]), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_softmax_shortcut_threshold() -> None:
+    assert _softmax_needs_no_logs(20.0, 4096, torch.float32)
+    assert not _softmax_needs_no_logs(45.0, 16, torch.float32)
+    assert _softmax_needs_no_logs(300.0, 10**6, torch.float64)
+    assert not _softmax_needs_no_logs(400.0, 16, torch.float64)
+    assert not _softmax_needs_no_logs(20.0, 16, torch.float16)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("temperature", [0.05, 0.025, 0.01])  # scale 20 and 40: shortcut; 100: not
+def test_float32_both_paths_match_float64(symmetric: bool, temperature: float) -> None:
+    g = torch.Generator().manual_seed(4)
+    q64 = torch.randn(16, 12, generator=g, dtype=torch.float64)
+    k64 = torch.randn(24 if not symmetric else 16, 12, generator=g, dtype=torch.float64)
+    k64[:3] = -q64[:3]  # positives at cosine -1: the largest losses, P_ii ~ exp(-2 scale)
+    k64[3:6] = q64[3:6]  # and at +1
+    loss = MatryoshkaContrastiveLoss(NEST, temperature=temperature, symmetric=symmetric)
+    q32, k32 = (z.float().requires_grad_() for z in (q64, k64))
+    out = loss(q32, k32)
+    q64.requires_grad_()
+    k64.requires_grad_()
+    ref = naive(q64, k64, NEST, temperature, symmetric)
+    torch.testing.assert_close(out.loss.double(), ref, rtol=2e-5, atol=1e-4)
+    g32 = torch.autograd.grad(out.loss, [q32, k32])
+    g64 = torch.autograd.grad(ref, [q64, k64])
+    for a, b in zip(g32, g64, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
+
+
+def test_no_grad_partial_grad_and_repeated_backward() -> None:
+    q, k = _inputs(5, 8)
+    loss = MatryoshkaContrastiveLoss(NEST, temperature=0.1, symmetric=True)
+    ref = naive(q, k, NEST, 0.1, True)
+    with torch.no_grad():
+        out = loss(q, k)
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    k_fixed = k.detach()  # only q needs a gradient
+    (g_q,) = torch.autograd.grad(loss(q, k_fixed).loss, [q])
+    torch.testing.assert_close(g_q, torch.autograd.grad(ref, [q], retain_graph=True)[0])
+    # the gradients are computed in forward: backward twice (retain_graph) and a scaled upstream
+    # gradient both give the right answer
+    total = loss(q, k).loss
+    first = torch.autograd.grad(3.0 * total, [q, k], retain_graph=True)
+    second = torch.autograd.grad(total, [q, k])
+    for a, b, c in zip(first, second, torch.autograd.grad(ref, [q, k]), strict=True):
+        torch.testing.assert_close(a, 3.0 * c, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_weight_sizes_are_skipped() -> None:
+    nesting = Nesting([3, 5, 8, 12], [0.0, 1.0, 0.0, 0.0])
+    q, k = _inputs(4, 6)
+    out = MatryoshkaContrastiveLoss(nesting, temperature=0.1)(q, k)
+    torch.testing.assert_close(out.loss, naive(q, k, nesting, 0.1, False))
+    grads = torch.autograd.grad(out.loss, [q, k])
+    assert (grads[0][:, 5:] == 0).all()
+    assert (grads[1][:, 5:] == 0).all()
+    only_zero = MatryoshkaContrastiveLoss(nesting)(q, k, active=(True, False, False, False))
+    assert only_zero.loss.item() == 0.0
+    assert all((g == 0).all() for g in torch.autograd.grad(only_zero.loss, [q, k]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_cuda_matches_cpu(symmetric: bool) -> None:
+    q, k = _inputs(6, 10 if not symmetric else 6)
+    loss = MatryoshkaContrastiveLoss(NEST, temperature=0.05, symmetric=symmetric)
+    out = loss(q, k)
+    grads = torch.autograd.grad(out.loss, [q, k])
+    qc, kc = (z.detach().cuda().requires_grad_() for z in (q, k))
+    out_c = loss(qc, kc)
+    torch.testing.assert_close(out_c.loss.cpu(), out.loss.detach())
+    for a, b in zip(torch.autograd.grad(out_c.loss, [qc, kc]), grads, strict=True):
+        torch.testing.assert_close(a.cpu(), b)
 
 
 def test_size_sampling_is_seeded_and_keeps_the_full_size() -> None:

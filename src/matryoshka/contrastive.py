@@ -12,12 +12,30 @@ matryoshka_dims, matryoshka_weights)``; ``symmetric=True`` matches MNRL with
 query->document and document->query terms; the latter over the ``B`` positives only).
 
 Fused: sentence-transformers runs the base loss once per size (one ``B x N x m`` product, one
-normalisation, one softmax and their backward each). Here the prefix dot products are a running
-sum over the chunks between consecutive sizes, ``S_l = S_{l-1} + q_c k_c^T`` (``addmm`` into a
-preallocated ``(L, B, N)`` buffer), the prefix norms are running sums of squared chunk norms, and
-a custom autograd Function walks the chunks back from the largest size with running sums of the
-similarity gradients. All sizes cost one full-size ``B x N x d`` product forward and two backward,
-plus ``L`` cheap element-wise passes over ``B x N``.
+normalisation, one softmax and their backward each). Here one custom autograd Function does all
+sizes in one pass:
+
+* the prefix dot products are a running sum over the chunks between consecutive sizes,
+  ``S_l = S_{l-1} + q_c k_c^T`` (in-place ``addmm_``); the prefix norms and the positive logits
+  ``a_ii`` of every size come from one small product with a 0/1 prefix-indicator matrix;
+* per size: ``a = S * (scale / |q_i|) * (1 / |k_j|)`` (two broadcast multiplies), one row
+  softmax ``P`` (its own max subtraction makes it stable), the loss ``-log P_ii``. Cosine logits
+  lie in ``[-scale, scale]``, so while ``2 scale + log N`` is inside the dtype's range (float32:
+  scale up to ~40) ``P_ii`` cannot underflow, and the symmetric term's column sums of
+  ``exp(a - scale)`` are ``P^T w`` with ``w_i = exp(lse_i - scale)``: one matrix-vector product,
+  no second exponential. Beyond that the log-softmax is taken in each direction (slower, exact);
+* the gradient is formed in the same pass (the loss is a scalar, so ``dL/da = coef (P - Y)`` is
+  known in forward): each size keeps ``P`` scaled by ``scale / |q_i|`` in a ``(sizes, B, N)``
+  buffer, plus the row and column sums of ``P * a`` that the norms' gradients need; then the
+  chunks are walked back from the largest size with a running sum of ``dL/dS_l`` (one
+  ``addcmul_`` per size, the ``1 / |k_j|`` factor folded in) and two products per chunk. The
+  per-row terms (the norms' gradients and the ``-Y`` diagonal) are added at the end, spread over
+  each size's columns by the indicator.
+
+Only the gradients ``(B + N) x d`` are kept for backward, which scales them by the incoming
+gradient; the ``(sizes + 2) x B x N`` working memory lives only inside forward. All sizes cost one
+full-size ``B x N x d`` product forward and two in gradients, plus about eight element-wise passes
+over ``B x N`` and one softmax per size (measured in ``benchmarks/contrastive.py``).
 
 :class:`Matryoshka2dContrastiveLoss` adds the depth axis (prefix of layers x prefix of dims): the
 same fused loss on the pooled output of several transformer layers.
@@ -25,6 +43,7 @@ same fused loss on the pooled output of several transformer layers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,18 +53,17 @@ from torch.autograd.function import once_differentiable
 
 from matryoshka.losses import MatryoshkaLossOutput
 from matryoshka.nesting import Nesting
-from matryoshka.ops import prefix_norms
 
 __all__ = ["Matryoshka2dContrastiveLoss", "MatryoshkaContrastiveLoss"]
 
-Chunks = tuple[tuple[int, int], ...]
-
 
 class _FusedPrefixInfoNCE(torch.autograd.Function):
-    """``q (B, d), k (N, d) -> (L,)`` weighted per-size InfoNCE losses (only active sizes nonzero).
+    """``q (B, d), k (N, d) -> (total (), per_size (L,))``: weighted per-size InfoNCE losses.
 
-    ``active[l]`` says whether size ``l`` is computed this step; the chunks are walked up to the
-    largest active size. ``weights[l]`` multiplies size ``l``'s loss.
+    ``active[l]`` says whether size ``l`` is computed this step (inactive sizes report 0); the
+    chunks are walked up to the largest active size. ``weights[l]`` multiplies size ``l``'s loss.
+    ``need_grad = (for q, for k)``: the gradients are computed in forward (see the module
+    docstring) only where asked; ``per_size`` is not differentiable, backpropagate ``total``.
     """
 
     @staticmethod
@@ -58,100 +76,184 @@ class _FusedPrefixInfoNCE(torch.autograd.Function):
         weights: tuple[float, ...],
         scale: float,
         symmetric: bool,
-    ) -> torch.Tensor:
-        n_q, n_k = q.shape[0], k.shape[0]
-        top = max(i for i, a in enumerate(active) if a)  # largest active size
-        chunks = nesting.chunks[: top + 1]
-        qn = prefix_norms(q, nesting)[: top + 1].clamp_min(1e-12)  # (L', B)
-        kn = prefix_norms(k, nesting)[: top + 1].clamp_min(1e-12)  # (L', N)
-        logits = q.new_empty((top + 1, n_q, n_k))  # (L', B, N): S_l, then scaled to logits
-        lse_row = q.new_zeros((top + 1, n_q))  # (L', B) log-sum-exp over documents
-        lse_col = q.new_zeros((top + 1, n_q))  # (L', B) over queries (symmetric only)
+        need_grad: tuple[bool, bool],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        todo = [i for i, a in enumerate(active) if a and weights[i] != 0.0]
         losses = q.new_zeros(len(active))  # (L,)
-        diag = torch.arange(n_q, device=q.device)
-        for i, (a, b) in enumerate(chunks):
-            if i == 0:
-                torch.mm(q[:, a:b], k[:, a:b].t(), out=logits[0])
-            else:
-                torch.addmm(logits[i - 1], q[:, a:b], k[:, a:b].t(), out=logits[i])
-            if i > 0 and active[i - 1]:  # S_{i-1} is no longer needed unscaled
-                losses[i - 1] = _FusedPrefixInfoNCE._finish(i - 1, logits, lse_row, lse_col, qn, kn, scale, symmetric, diag)  # fmt: skip
-        losses[top] = _FusedPrefixInfoNCE._finish(top, logits, lse_row, lse_col, qn, kn, scale, symmetric, diag)  # fmt: skip
-        losses.mul_(losses.new_tensor(weights))
-        ctx.save_for_backward(q, k, qn, kn, logits, lse_row, lse_col)
-        ctx.meta = (chunks, active, weights, scale, symmetric)
-        return losses
+        if todo:
+            grads = _FusedPrefixInfoNCE._run(
+                q, k, nesting, todo, weights, scale, symmetric, need_grad, losses
+            )
+        else:  # every weight of the active sizes is 0
+            grads = (
+                torch.zeros_like(q) if need_grad[0] else None,
+                torch.zeros_like(k) if need_grad[1] else None,
+            )
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(losses)
+        return losses.sum(), losses
 
     @staticmethod
-    def _finish(
-        i: int,
-        logits: torch.Tensor,
-        lse_row: torch.Tensor,
-        lse_col: torch.Tensor,
-        qn: torch.Tensor,
-        kn: torch.Tensor,
+    def _run(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        nesting: Nesting,
+        todo: list[int],
+        weights: tuple[float, ...],
         scale: float,
         symmetric: bool,
-        diag: torch.Tensor,
-    ) -> torch.Tensor:
-        """Scale the prefix dot products ``S_i`` into logits in place; size ``i``'s loss (0-d)."""
-        a = logits[i]  # (B, N)
-        a.mul_((scale / qn[i])[:, None]).mul_((1.0 / kn[i])[None, :])
-        pos = a[diag, diag]  # (B,)
-        torch.logsumexp(a, dim=1, out=lse_row[i])
-        loss = (lse_row[i] - pos).mean()
+        need_grad: tuple[bool, bool],
+        losses: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Fill ``losses (L,)``; return ``dtotal/dq (B, d)``, ``dtotal/dk (N, d)`` where asked."""
+        n_q, n_k = q.shape[0], k.shape[0]
+        need = need_grad[0] or need_grad[1]
+        top = todo[-1]
+        chunks = nesting.chunks[: top + 1]
+        end = chunks[-1][1]
+        q_, k_ = q[:, :end], k[:, :end]
+        n_y = 2.0 if symmetric else 1.0  # dL/da_l = coef_l (P [+ P_col] - n_y Y)
+        # Per-size vectors, (L', B) or (L', N): prefix norms and positive logits in one product.
+        ind = _prefix_indicator(nesting.sizes[: top + 1], q.device, q.dtype)  # (L', end)
+        inv_qn = torch.mm(ind, q_.square().t()).clamp_min_(1e-24).rsqrt_()  # 1 / |q_i[:m_l]|
+        inv_kn = torch.mm(ind, k_.square().t()).clamp_min_(1e-24).rsqrt_()  # 1 / |k_j[:m_l]|
+        rows = inv_qn.mul_(scale)[:, :, None]  # (L', B, 1): a_l = S_l * rows[l] * inv_kn[l]
+        pos = torch.mm(ind, (q_ * k_[:n_q]).t()).mul_(rows[:, :, 0]).mul_(inv_kn[:, :n_q])
+        idx = torch.tensor(todo, device=q.device)
+        wts = torch.tensor([weights[i] for i in todo], dtype=q.dtype, device=q.device)  # (T,)
+        coef = q.new_zeros(top + 1).index_copy_(0, idx, wts / (n_q * n_y))  # (L',)
+        shortcuts = _softmax_needs_no_logs(scale, n_k, q.dtype)
+        s_run = q.new_empty((n_q, n_k))  # running prefix dot products S_l
+        logits = q.new_empty((n_q, n_k))  # scratch: a_l, then (P [+ P_col]) * a_l
+        # P [+ P_col], then rows * that: dL/dS_l but for the factor coef_l / |k_j| and the
+        # diagonal (one buffer reused when no gradient is wanted)
+        dlds = q.new_empty((len(todo) if need else 1, n_q, n_k))
+        slot = {i: j for j, i in enumerate(todo)}
+        log_p = q.new_zeros((top + 1, n_q))  # log P_ii = a_ii - (log-sum-exp over documents)
+        lse_c = q.new_zeros((top + 1, n_q))  # symmetric: log-sum-exp over queries
+        ga_q = q.new_zeros((top + 1, n_q))  # sum_j (P [+ P_col])_ij a_ij
+        ga_k = k.new_zeros((top + 1, n_k))  # sum_i (P [+ P_col])_ij a_ij
+        widths = [b - a for a, b in chunks]
+        # views of the chunks, (B, w), (w, B) and (w, N), and of the per-size rows
+        q_c, q_ct, k_ct = q_.split(widths, 1), q_.t().split(widths, 0), k_.t().split(widths, 0)
+        rows_l, inv_kn_l, log_p_l = rows.unbind(0), inv_kn.unbind(0), log_p.unbind(0)
+        ga_q_l, ga_k_l, dlds_l = ga_q.unbind(0), ga_k.unbind(0), dlds.unbind(0)
+        ones = q.new_ones(n_q)
+        for i in range(top + 1):
+            if i == 0:
+                torch.mm(q_c[0], k_ct[0], out=s_run)
+            else:
+                s_run.addmm_(q_c[i], k_ct[i])
+            if i not in slot:
+                continue
+            torch.mul(s_run, rows_l[i], out=logits).mul_(inv_kn_l[i])  # a = scale cos, (B, N)
+            g = dlds_l[slot[i] if need else 0]
+            if shortcuts:
+                torch.softmax(logits, 1, out=g)
+                torch.log(g.diagonal(), out=log_p_l[i])  # never underflows here
+                if symmetric:
+                    # the column softmax from the row one: exp(a_ij - scale) = P_ij w_i
+                    w = torch.sub(pos[i], log_p_l[i]).sub_(scale).exp_()  # exp(lse_i - scale)
+                    col = torch.mv(g[:, :n_q].t(), w)  # (B,) sum_i exp(a_ij - scale)
+                    if need:  # P + P_col on the in-batch block: P_ij (1 + w_i / col_j)
+                        g[:, :n_q].mul_(torch.addr(g.new_ones(()), w, col.reciprocal()))
+                    torch.log(col, out=lse_c[i]).add_(scale)
+            else:  # scale too large for the shortcuts above: log-softmax in both directions
+                torch.log_softmax(logits, 1, out=g)
+                log_p_l[i].copy_(g.diagonal())
+                if need:
+                    g.exp_()
+                if symmetric:
+                    log_pc = torch.log_softmax(logits[:, :n_q], 0)
+                    torch.sub(pos[i], log_pc.diagonal(), out=lse_c[i])
+                    if need:
+                        g[:, :n_q].add_(log_pc.exp_())
+            if need:
+                # a = scale S / (|q| |k|): the |q_i| and |k_j| terms need sum_j g a, sum_i g a
+                ga = logits.mul_(g)
+                torch.sum(ga, 1, out=ga_q_l[i])
+                torch.mv(ga.t(), ones, out=ga_k_l[i])  # faster than a sum over dim 0
+                g.mul_(rows_l[i])
+        per = -log_p.mean(1)  # (L',)
         if symmetric:
-            torch.logsumexp(a[:, : a.shape[0]], dim=0, out=lse_col[i])
-            loss = 0.5 * (loss + (lse_col[i] - pos).mean())
-        return loss
+            per = 0.5 * (per + (lse_c - pos).mean(1))
+        losses.index_copy_(0, idx, per[idx].mul_(wts))
+        if not need:
+            return None, None
+        # the diagonal -n_y Y: sum_j g a loses n_y a_ii; dL/dS_ii gains -n_y coef rows / |k_i|
+        ga_q.sub_(pos, alpha=n_y)
+        ga_k[:, :n_q].sub_(pos, alpha=n_y)
+        diag = torch.mul(rows[:, :, 0], inv_kn[:, :n_q]).mul_(coef[:, None] * -n_y)  # (L', B)
+        # d|q_i|/dq = q / |q_i|: size l adds -coef_l (sum_j g a) / |q_i|^2 times q_i[:m_l]
+        ga_q.mul_(rows[:, :, 0].square()).mul_(coef[:, None] / -(scale * scale))
+        ga_k.mul_(inv_kn.square()).mul_(-coef[:, None])
+        inv_kn.mul_(coef[:, None])  # the column factor coef_l / |k_j| of dL/dS_l
+        # Walk the chunks back from the largest size with the running sum of dL/dS_l over the
+        # sizes >= l; the gradients are written transposed: each chunk is a block of rows.
+        grad_qt = q.new_empty((end, n_q)) if need_grad[0] else None  # (end, B)
+        grad_kt = k.new_empty((end, n_k)) if need_grad[1] else None  # (end, N)
+        run = dlds_l[slot[top]].mul_(inv_kn_l[top])  # the largest size is always computed
+        run_t = run.t()
+        for i in range(top, -1, -1):
+            if i in slot and i < top:
+                run.addcmul_(dlds_l[slot[i]], inv_kn_l[i])
+            a_, b_ = chunks[i]
+            if grad_qt is not None:  # run @ k_c, (w, B)
+                torch.mm(k_ct[i], run_t, out=grad_qt[a_:b_])
+            if grad_kt is not None:  # run^T @ q_c, (w, N)
+                torch.mm(q_ct[i], run, out=grad_kt[a_:b_])
+        # The per-row terms of size l act on the first m_l columns: u (L', n) -> u^T @ ind (n, end)
+        diag_cols = torch.mm(diag.t(), ind)  # (B, end)
+        grad_q = grad_k = None
+        if grad_qt is not None:
+            grad_q = torch.empty_like(q)
+            grad_q[:, :end] = grad_qt.t()
+            grad_q[:, :end].addcmul_(q_, torch.mm(ga_q.t(), ind)).addcmul_(k_[:n_q], diag_cols)
+            grad_q[:, end:] = 0.0
+        if grad_kt is not None:
+            grad_k = torch.empty_like(k)
+            grad_k[:, :end] = grad_kt.t()
+            grad_k[:, :end].addcmul_(k_, torch.mm(ga_k.t(), ind))
+            grad_k[:n_q, :end].addcmul_(q_, diag_cols)
+            grad_k[:, end:] = 0.0
+        return grad_q, grad_k
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        q, k, qn, kn, logits, lse_row, lse_col = ctx.saved_tensors
-        chunks, active, weights, scale, symmetric = ctx.meta
-        n_q, n_k = q.shape[0], k.shape[0]
-        diag = torch.arange(n_q, device=q.device)
-        # Transposed gradient buffers: every chunk writes a contiguous block of rows.
-        grad_qt = q.new_zeros((q.shape[1], n_q))  # (d, B)
-        grad_kt = k.new_zeros((k.shape[1], n_k))  # (d, N)
-        run = q.new_zeros((n_q, n_k))  # running sum over sizes >= l of dL/dS_l
-        run_q = q.new_zeros(n_q)  # running sum of the query-norm terms
-        run_k = k.new_zeros(n_k)  # running sum of the document-norm terms
-        ga = q.new_empty((n_q, n_k))  # scratch
-        for i in range(len(chunks) - 1, -1, -1):
-            if active[i] and weights[i] != 0.0:
-                a = logits[i]  # (B, N)
-                # dL/da = coef * (P - Y), P the row softmax (mean with the column one if symmetric)
-                coef = grad[i] * (weights[i] / n_q * (0.5 if symmetric else 1.0))  # 0-d
-                g = torch.sub(a, lse_row[i][:, None]).exp_()  # (B, N)
-                if symmetric:
-                    g[:, :n_q].add_(torch.sub(a[:, :n_q], lse_col[i][None, :]).exp_())
-                    g[diag, diag] -= 2.0
-                else:
-                    g[diag, diag] -= 1.0
-                # a = scale * S / (|q| |k|): the |q_i| term is -coef * sum_j g_ij a_ij / |q_i|
-                torch.mul(g, a, out=ga)
-                inv_q, inv_k = 1.0 / qn[i], 1.0 / kn[i]
-                run_q.sub_(ga.sum(1) * inv_q.square() * coef)
-                run_k.sub_(ga.sum(0) * inv_k.square() * coef)
-                g.mul_((inv_q * (scale * coef))[:, None])
-                run.addcmul_(g, inv_k[None, :])
-            a_, b_ = chunks[i]
-            qc, kc = q[:, a_:b_], k[:, a_:b_]
-            # dL/dq_c = run @ k_c + run_q * q_c, written transposed: (w, B)
-            torch.addmm(qc.t() * run_q, kc.t(), run.t(), out=grad_qt[a_:b_])
-            torch.addmm(kc.t() * run_k, qc.t(), run, out=grad_kt[a_:b_])
-        need_q, need_k = ctx.needs_input_grad[:2]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: torch.Tensor, _grad_per_size: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        grad_q, grad_k = ctx.saved_tensors
         return (
-            grad_qt.t() if need_q else None,
-            grad_kt.t() if need_k else None,
+            grad_q * grad if ctx.needs_input_grad[0] else None,
+            grad_k * grad if ctx.needs_input_grad[1] else None,
+            None,
             None,
             None,
             None,
             None,
             None,
         )
+
+
+def _softmax_needs_no_logs(scale: float, n_k: int, dtype: torch.dtype) -> bool:
+    """Whether the row softmax alone gives the loss and the column softmax exactly.
+
+    Cosine logits lie in ``[-scale, scale]``, so ``P_ii >= exp(-2 scale) / N`` and
+    ``exp(a_ij - scale)`` lies in ``[exp(-2 scale), 1]``: with ``2 scale + log N`` well inside the
+    dtype's normal range nothing underflows, ``log P_ii`` is the loss and the column sums of
+    ``exp(a - scale)`` come from the row softmax. Otherwise (e.g. float32 with scale > ~40) the
+    log-softmax is taken in each direction.
+    """
+    return 2.0 * scale + math.log(n_k) + 4.0 < -math.log(torch.finfo(dtype).tiny)
+
+
+def _prefix_indicator(
+    sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(L, sizes[-1])`` 0/1 matrix, row ``l`` selecting the first ``sizes[l]`` coordinates."""
+    d = torch.arange(sizes[-1], device=device)[None, :]
+    return (d < torch.tensor(sizes, device=device)[:, None]).to(dtype)
 
 
 def _check_nesting(nesting: Any, cls: str) -> Nesting:
@@ -177,8 +279,11 @@ class MatryoshkaContrastiveLoss(nn.Module):
 
     ``forward(q, k)`` with ``q (B, d)`` and ``k (N, d)``, ``N >= B``, row ``i`` of ``k`` the
     positive of query ``i`` and rows ``B..N-1`` extra (hard) negatives, returns a
-    :class:`~matryoshka.losses.MatryoshkaLossOutput`: the weighted sum (scalar) and ``(L,)``
-    weighted per-size values (0 for sizes not sampled this step).
+    :class:`~matryoshka.losses.MatryoshkaLossOutput`: the weighted sum (scalar, differentiable)
+    and ``(L,)`` weighted per-size values (detached; 0 for sizes not sampled this step).
+
+    The gradients are computed during the forward call whenever grad mode is on and ``q`` or
+    ``k`` requires grad; evaluate under ``torch.no_grad()`` to skip that work.
     """
 
     def __init__(
@@ -241,10 +346,18 @@ class MatryoshkaContrastiveLoss(nn.Module):
                 f"active={list(flags)} must have one flag per size ({len(self.nesting)}) and at "
                 "least one True."
             )
-        per_size = _FusedPrefixInfoNCE.apply(
-            q, k, self.nesting, flags, self.nesting.weights, 1.0 / self.temperature, self.symmetric
+        grad_on = torch.is_grad_enabled()
+        total, per_size = _FusedPrefixInfoNCE.apply(
+            q,
+            k,
+            self.nesting,
+            flags,
+            self.nesting.weights,
+            1.0 / self.temperature,
+            self.symmetric,
+            (grad_on and q.requires_grad, grad_on and k.requires_grad),
         )
-        return MatryoshkaLossOutput(per_size.sum(), per_size.detach())
+        return MatryoshkaLossOutput(total, per_size)
 
     def extra_repr(self) -> str:
         return (
