@@ -9,11 +9,13 @@ Every evaluator produces one results dict in this schema, and :func:`write_repor
       "meta": {...},            # optional: anything JSON-ready (timings, config)
       "notes": ["..."],         # optional: findings in words, shown above the tables
       "metric_labels": {"top1": "top-1 accuracy"},  # optional
+      "units": "episode returns",  # optional: values are printed as they are, in these units
       "curves": {"cascade": {"title": ..., "xlabel": ..., "ylabel": ..., "log2x": true,
                  "series": {"MRL cascade": {"x": [...], "y": [...]}, ...}}},  # optional
     }
 
-Values may be ``null`` where a method has no result at a size.
+Values may be ``null`` where a method has no result at a size. Without ``units`` they are
+fractions, shown as percentages (a value in ``[-1, 1]`` is multiplied by 100).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def validate_results(results: dict[str, Any]) -> None:
     for key in ("task", "sizes", "metrics"):
         if key not in results:
             raise ValueError(f"results has no {key!r} field: see matryoshka.report's schema.")
+    units = results.get("units")
+    if units is not None and (not isinstance(units, str) or not units):
+        raise ValueError(
+            f"results['units']={units!r} must be a non-empty string such as 'episode returns', "
+            "or absent for percentages."
+        )
     sizes = results["sizes"]
     if not isinstance(sizes, list) or not sizes:
         raise ValueError(f"results['sizes']={sizes!r} must be a non-empty list of ints.")
@@ -48,6 +56,12 @@ def _fmt(v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     return f"{100 * v:.1f}" if abs(v) <= 1.0 else f"{v:.3g}"
+
+
+def _fmt_raw(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.4g}"
 
 
 def plot_metric(results: dict[str, Any], metric: str, path: Path) -> Path:
@@ -119,7 +133,11 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
         lines.append(f"- {note}")
     if results.get("notes"):
         lines.append("")
-    lines.append("Values are percentages (rows: representation size; columns: methods).")
+    units = results.get("units")
+    fmt = _fmt if units is None else _fmt_raw
+    lines.append(
+        f"Values are {units or 'percentages'} (rows: representation size; columns: methods)."
+    )
     lines.append("")
     for metric, by_method in results["metrics"].items():
         png = plot_metric(results, metric, out / f"{metric.replace('@', '_at_')}.png")
@@ -128,7 +146,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
         lines.append("| m | " + " | ".join(methods) + " |")
         lines.append("|---:|" + "---:|" * len(methods))
         for i, m in enumerate(sizes):
-            row = [_fmt(by_method[meth][i]) for meth in methods]
+            row = [fmt(by_method[meth][i]) for meth in methods]
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         lines += ["", f"![{metric}]({png.name})", ""]
     for name, curve in results.get("curves", {}).items():
@@ -136,7 +154,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
         lines += [f"## {curve.get('title', name)}", ""]
         for label, series in curve["series"].items():
             points = ", ".join(
-                f"({x:.3g}, {_fmt(y)})" for x, y in zip(series["x"], series["y"], strict=True)
+                f"({x:.3g}, {fmt(y)})" for x, y in zip(series["x"], series["y"], strict=True)
             )
             lines.append(f"- {label}: {points}")
         lines += ["", f"![{name}]({png.name})", ""]
