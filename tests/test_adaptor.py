@@ -97,6 +97,12 @@ def test_errors(tmp_path: Path) -> None:
         MatryoshkaAdaptor(NEST, top_k=0)
     with pytest.raises(ValueError, match="lr=0 must be positive"):
         MatryoshkaAdaptor(NEST, lr=0)
+    with pytest.raises(ValueError, match=r"reg=-1\.0 must be a float >= 0, e\.g\. 0\.5"):
+        MatryoshkaAdaptor(NEST, reg=-1.0)
+    with pytest.raises(ValueError, match=r"supervised_weight=nan must be a float >= 0"):
+        MatryoshkaAdaptor(NEST, supervised_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"temperature=0 must be a positive float"):
+        MatryoshkaAdaptor(NEST, temperature=0)
     ad = MatryoshkaAdaptor(NEST, epochs=1, progress=False)
     with pytest.raises(NotFittedError, match="not fitted yet"):
         ad.transform(np.zeros((2, 32)))

@@ -147,6 +147,36 @@ def test_adaptor_fit_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFix
         main(["adaptor", "fit", "--sizes", "8", "--out", "a"])
 
 
+def test_supervised_adaptor_fit_from_pair_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x, q, d = tmp_path / "x.npy", tmp_path / "q.npy", tmp_path / "d.npy"
+    np.save(x, clustered(64, d=32))
+    np.save(q, clustered(40, d=32, seed=1))
+    np.save(d, clustered(40, d=32, seed=2))
+    stem = tmp_path / "sup"
+    base = ["adaptor", "fit", "--embeddings", str(x), "--sizes", "8", "32", "--out", str(stem)]
+    base += ["--epochs", "1", "--hidden", "8", "--batch-size", "16", "--quiet"]
+    rc, _, err = run([*base, "--queries", str(q)], capsys)
+    assert rc == 2
+    assert "--queries and --documents go together" in err
+    rc, _, err = run([*base, "--queries", str(q), "--documents", str(tmp_path / "no.npy")], capsys)
+    assert rc == 2
+    assert "--documents" in err
+    assert "does not exist" in err
+    rc, _, err = run([*base, "--reg", "-1", "--queries", str(q), "--documents", str(d)], capsys)
+    assert rc == 2
+    assert "reg=-1.0 must be a float >= 0" in err
+    assert run([*base, "--reg", "0.5", "--queries", str(q), "--documents", str(d)], capsys)[0] == 0
+    sup = MatryoshkaAdaptor.load(stem)
+    assert sup.reg == 0.5
+    plain = MatryoshkaAdaptor(sup.nesting, hidden=8, epochs=1, batch_size=16, reg=0.5)
+    plain.progress = False
+    plain.fit(np.load(x))
+    # The pairs add the InfoNCE term: the supervised map differs from the unsupervised one.
+    assert not np.allclose(sup.transform(np.load(x)), plain.transform(np.load(x)), atol=1e-4)
+
+
 @needs_text
 def test_embed_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     texts = tmp_path / "t.txt"

@@ -118,6 +118,20 @@ class MatryoshkaAdaptor:
             raise ValueError(f"top_k={top_k!r} must be a positive int, e.g. 10.")
         if not lr > 0:
             raise ValueError(f"lr={lr!r} must be positive, e.g. 1e-3.")
+        weights: tuple[tuple[str, float, str], ...] = (
+            ("topk_weight", topk_weight, "1.0"),
+            ("reg", reg, "0.5"),
+            ("supervised_weight", supervised_weight, "1.0"),
+        )
+        for name, weight, example in weights:
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+                raise ValueError(f"{name}={weight!r} must be a float >= 0, e.g. {example}.")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not (0 < temperature < float("inf"))
+        ):
+            raise ValueError(f"temperature={temperature!r} must be a positive float, e.g. 0.05.")
         self.nesting = nesting
         self.hidden = hidden
         self.epochs = epochs

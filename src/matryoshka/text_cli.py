@@ -5,6 +5,8 @@
     mrl embed --wordnet definitions --dim 64 --adaptor adaptor --out defs-64.npy
     mrl adaptor fit --wordnet definitions --fraction 0.05 --sizes 16 32 64 128 384 --out adaptor
     mrl adaptor fit --embeddings X.npy --sizes 16 32 64 128 384 --out adaptor
+    mrl adaptor fit --embeddings X.npy --queries Q.npy --documents D.npy --reg 0.5 \
+        --sizes 16 32 64 128 384 --out adaptor                 # supervised on matching pairs
     mrl text-eval --config configs/text_wordnet.yaml --train-pairs 500
 
 Sharded embedding of a large corpus (each process or machine writes its own shard; no process
@@ -648,23 +650,37 @@ def cmd_embed_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_embeddings(path: str) -> np.ndarray:
+def _load_embeddings(path: str, flag: str = "--embeddings") -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise _UsageError(
-            f"--embeddings {path!r} does not exist: pass an (N, d) float .npy (e.g. from "
+            f"{flag} {path!r} does not exist: pass an (N, d) float .npy (e.g. from "
             "`mrl embed` without --dim)."
         )
     try:
         arr = np.load(p, allow_pickle=False)
     except ValueError as e:
-        raise _UsageError(f"--embeddings {path!r} is not a NumPy .npy array ({e}).") from None
+        raise _UsageError(f"{flag} {path!r} is not a NumPy .npy array ({e}).") from None
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
         raise _UsageError(
-            f"--embeddings {path!r} holds a {arr.dtype} array of shape {arr.shape}: pass an "
+            f"{flag} {path!r} holds a {arr.dtype} array of shape {arr.shape}: pass an "
             "(N, d) float matrix."
         )
     return np.asarray(arr, dtype=np.float32)
+
+
+def _load_pairs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray] | None:
+    """``--queries`` and ``--documents`` (row i of each a matching pair), or None."""
+    if (args.queries is None) != (args.documents is None):
+        raise _UsageError(
+            "--queries and --documents go together: pass both (.npy files of matching rows) "
+            "for the supervised fit, or neither."
+        )
+    if args.queries is None:
+        return None
+    return _load_embeddings(args.queries, "--queries"), _load_embeddings(
+        args.documents, "--documents"
+    )
 
 
 def cmd_adaptor_fit(args: argparse.Namespace) -> int:
@@ -704,15 +720,21 @@ def cmd_adaptor_fit(args: argparse.Namespace) -> int:
                 f"{source} gives {n} embeddings of {d} dimensions: fit the adaptor on at least "
                 f"{d} (its starting rotation is a PCA of them); use more texts."
             )
+        pairs = _load_pairs(args)
         adaptor = MatryoshkaAdaptor(
             nesting,
             hidden=args.hidden,
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
+            reg=args.reg,
             seed=args.seed,
             progress=not args.quiet,
-        ).fit(x)
+        )
+        if pairs is None:
+            adaptor.fit(x)
+        else:
+            adaptor.fit(x, queries=pairs[0], documents=pairs[1])
         path = adaptor.save(args.out)
     except (_UsageError, ValueError, FileNotFoundError, ImportError) as e:
         return _fail(str(e))
@@ -838,6 +860,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=512, help="width of the residual MLP")
     p.add_argument("--batch-size", type=int, default=512, help="embeddings per step")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument(
+        "--reg", type=float, default=0.0, help="weight pulling the map towards its PCA start"
+    )
+    p.add_argument("--queries", default=None, help="supervised: (P, d) .npy of query embeddings")
+    p.add_argument(
+        "--documents", default=None, help="supervised: (P, d) .npy, row i matches query i"
+    )
     p.set_defaults(func=cmd_adaptor_fit)
 
     p = subparsers.add_parser(
