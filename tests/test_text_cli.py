@@ -228,6 +228,10 @@ def test_text_eval_config_errors() -> None:
         TextEvalConfig(adaptor_epochs=0)
     with pytest.raises(ValueError, match=r"sizes=\[64, 32\] is not sorted"):
         TextEvalConfig(sizes=[64, 32])
+    with pytest.raises(ValueError, match=r"adaptor_reg=-0\.5 must be a float >= 0\.0"):
+        TextEvalConfig(adaptor_reg=-0.5)
+    with pytest.raises(ValueError, match="probe_limit=5 must be an int >= 10"):
+        TextEvalConfig(probe_limit=5)
     with pytest.raises(ValueError, match=r"what='glosses' \(--wordnet\) is not one of"):
         wordnet_texts("glosses")
 

@@ -33,7 +33,7 @@ def test_the_shipped_recipe_is_a_valid_text_config() -> None:
         ("train_fraction", 0.0, "train_fraction=0.0 must be a share"),
         ("test_fraction", 0.99, "the splits must not overlap"),
         ("train_pairs", 1, "train_pairs=1 must be an int >= 2"),
-        ("lr", -1.0, "lr=-1.0 must be a positive float"),
+        ("lr", -1.0, "lr=-1.0 must be a float > 0.0"),
         ("bogus", 1, "unknown text training option(s) ['bogus']"),
     ],
 )

@@ -51,6 +51,7 @@ import numpy as np
 
 from matryoshka.cli import add_dataclass_arguments
 from matryoshka.io import atomic_write_bytes
+from matryoshka.text_train import check_text_options, config_from_dict
 
 __all__ = [
     "WORDNET_FIELDS",
@@ -119,38 +120,16 @@ class TextEvalConfig:
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
-        from matryoshka.nesting import Nesting
-
-        Nesting(list(self.sizes))  # raises naming sizes= and the fix
-        for name in ("train_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-                raise ValueError(
-                    f"{name}={value!r} must be a share of the synsets in (0, 1], e.g. 0.05."
-                )
-        if self.train_fraction + self.test_fraction > 1:
-            raise ValueError(
-                f"train_fraction={self.train_fraction} + test_fraction={self.test_fraction} > 1: "
-                "the splits must not overlap; make them sum to at most 1."
-            )
-        if isinstance(self.adaptor_reg, bool) or not (
-            isinstance(self.adaptor_reg, int | float) and self.adaptor_reg >= 0
-        ):
-            raise ValueError(f"adaptor_reg={self.adaptor_reg!r} must be a float >= 0, e.g. 0.5.")
-        checks = (("train_pairs", 0), ("adaptor_epochs", 1), ("probe_limit", 10), ("seed", 0))
-        for name, low in checks:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} must be an int >= {low}.")
+        check_text_options(
+            self,
+            ints=(("train_pairs", 0), ("adaptor_epochs", 1), ("probe_limit", 10), ("seed", 0)),
+            floats=(("adaptor_reg", 0.0, True),),
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextEvalConfig:
         """Build from a mapping (e.g. a YAML recipe); unknown keys are an error naming them."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"unknown text-eval option(s) {unknown}: the valid keys are {known}.")
-        return cls(**data)
+        return config_from_dict(cls, data, "text-eval")
 
 
 def wordnet_texts(

@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,10 +29,14 @@ from matryoshka.io import atomic_write_bytes
 __all__ = [
     "TEXT_MODEL_FILE",
     "TextTrainConfig",
+    "check_text_options",
+    "config_from_dict",
     "evaluate_text_model",
     "is_text_run",
     "train_text",
 ]
+
+_C = TypeVar("_C")
 
 #: The metadata file that marks a run folder as a fine-tuned text model.
 TEXT_MODEL_FILE = "text_model.json"
@@ -96,41 +100,61 @@ class TextTrainConfig:
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
-        from matryoshka.nesting import Nesting
-
         if self.task != "text":
             raise ValueError(f"task={self.task!r} must be 'text' in a text training recipe.")
-        Nesting(list(self.sizes))  # raises naming sizes= and the fix
-        for name in ("train_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-                raise ValueError(
-                    f"{name}={value!r} must be a share of the synsets in (0, 1], e.g. 0.05."
-                )
-        if self.train_fraction + self.test_fraction > 1:
-            raise ValueError(
-                f"train_fraction={self.train_fraction} + test_fraction={self.test_fraction} > 1: "
-                "the splits must not overlap; make them sum to at most 1."
-            )
-        for name, low in (("train_pairs", 2), ("epochs", 1), ("batch_size", 2), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} must be an int >= {low}.")
-        for name in ("lr", "temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{name}={value!r} must be a positive float.")
+        check_text_options(
+            self,
+            ints=(("train_pairs", 2), ("epochs", 1), ("batch_size", 2), ("seed", 0)),
+            floats=(("lr", 0.0, False), ("temperature", 0.0, False)),
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextTrainConfig:
         """Build from a mapping (e.g. a YAML recipe); unknown keys are an error naming them."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
+        return config_from_dict(cls, data, "text training")
+
+
+def check_text_options(
+    config: Any,
+    ints: tuple[tuple[str, int], ...],
+    floats: tuple[tuple[str, float, bool], ...] = (),
+) -> None:
+    """Validate a text recipe's ``sizes``, ``train_fraction`` + ``test_fraction``, the int
+    fields ``(name, lowest)`` and float fields ``(name, bound, bound_allowed)``; raises a
+    ``ValueError`` naming the field, its value and the fix."""
+    from matryoshka.nesting import Nesting
+
+    Nesting(list(config.sizes))  # raises naming sizes= and the fix
+    for name in ("train_fraction", "test_fraction"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
             raise ValueError(
-                f"unknown text training option(s) {unknown}: the valid keys are {known}."
+                f"{name}={value!r} must be a share of the synsets in (0, 1], e.g. 0.05."
             )
-        return cls(**data)
+    if config.train_fraction + config.test_fraction > 1:
+        raise ValueError(
+            f"train_fraction={config.train_fraction} + test_fraction={config.test_fraction} > 1: "
+            "the splits must not overlap; make them sum to at most 1."
+        )
+    for name, low in ints:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r} must be an int >= {low}.")
+    for name, bound, inclusive in floats:
+        value = getattr(config, name)
+        ok = isinstance(value, int | float) and (value >= bound if inclusive else value > bound)
+        if isinstance(value, bool) or not ok:
+            relation = ">=" if inclusive else ">"
+            raise ValueError(f"{name}={value!r} must be a float {relation} {bound}.")
+
+
+def config_from_dict(cls: type[_C], data: dict[str, Any], what: str) -> _C:
+    """``cls(**data)`` for a dataclass ``cls``; unknown keys are an error naming them."""
+    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what} option(s) {unknown}: the valid keys are {known}.")
+    return cls(**data)
 
 
 def _split(config: TextTrainConfig) -> tuple[list[Any], list[Any]]:
