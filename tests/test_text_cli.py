@@ -266,7 +266,12 @@ def test_text_eval_reads_a_recipe_and_flags_override_it(
     assert res["sizes"] == [32, 384]
     assert res["meta"]["train_pairs"] == 0  # the flag won over the recipe's 50
     assert res["meta"]["queries"] == 35
-    assert set(res["metrics"]["ndcg@10"]) == {"base truncated", "base + PCA", "base + adaptor"}
+    assert set(res["metrics"]["ndcg@10"]) == {
+        "base truncated",
+        "base + PCA",
+        "base + adaptor",
+        "base + adaptor (supervised)",
+    }
     assert (tmp_path / "out" / "report.md").is_file()
 
     cases = {

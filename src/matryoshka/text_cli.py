@@ -97,14 +97,14 @@ class TextEvalConfig:
         metadata={"help": "prefix sizes, increasing, the last one the model's dimension (384)"},
     )
     train_fraction: float = field(
-        default=0.05,
+        default=0.17,
         metadata={"help": "share of synsets for fitting PCA, adaptor, probe and fine-tuning"},
     )
     test_fraction: float = field(
         default=0.02, metadata={"help": "share of synsets held out for retrieval and the probe"}
     )
     train_pairs: int = field(
-        default=2000,
+        default=8000,
         metadata={"help": "(definition, lemmas) pairs to fine-tune on; 0 skips fine-tuning"},
     )
     adaptor_epochs: int = field(default=6, metadata={"help": "epochs of the adaptor fit"})

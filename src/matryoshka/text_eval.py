@@ -1,6 +1,6 @@
 """Per-size evaluation of text embeddings on WordNet: retrieval baselines and a linear probe.
 
-    python -m matryoshka.text_eval [--out results/text_wordnet] [--train-pairs 2000]
+    python -m matryoshka.text_eval [--out results/text_wordnet] [--train-pairs 8000]
 
 Retrieval (definition -> lemmas on held-out synsets): nDCG@10, recall@10, recall@100 and
 MRR@10 per prefix size for the base model truncated, base + PCA (uncentred, fitted on training
@@ -151,9 +151,9 @@ def _adaptor_transform(adaptor: MatryoshkaAdaptor) -> Transform:
 def run_wordnet_evaluation(
     out_dir: Path = Path("results/text_wordnet"),
     sizes: Sequence[int] = (8, 16, 32, 64, 128, 256, 384),
-    train_fraction: float = 0.05,
+    train_fraction: float = 0.17,
     test_fraction: float = 0.02,
-    train_pairs: int = 2000,
+    train_pairs: int = 8000,
     adaptor_epochs: int = 6,
     adaptor_reg: float = 0.5,
     probe_limit: int = 10000,
@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: run the evaluation and print the nDCG@10 table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/text_wordnet"))
-    parser.add_argument("--train-pairs", type=int, default=2000)
+    parser.add_argument("--train-pairs", type=int, default=8000)
     parser.add_argument("--adaptor-epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

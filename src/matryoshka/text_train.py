@@ -71,13 +71,13 @@ class TextTrainConfig:
         },
     )
     train_fraction: float = field(
-        default=0.05, metadata={"help": "share of synsets the training pairs come from"}
+        default=0.17, metadata={"help": "share of synsets the training pairs come from"}
     )
     test_fraction: float = field(
         default=0.02, metadata={"help": "share of synsets held out for evaluation"}
     )
     train_pairs: int = field(
-        default=2000, metadata={"help": "(definition, lemmas) pairs to train on"}
+        default=8000, metadata={"help": "(definition, lemmas) pairs to train on"}
     )
     epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (in-batch negatives)"})
