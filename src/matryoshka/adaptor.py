@@ -10,10 +10,18 @@ that every prefix ``f(x)[:m]`` keeps the similarity structure of the full vector
     f(x) = z + MLP(z)       a residual MLP whose output layer starts at zero, so f = PCA at step 0
 
 Unsupervised loss, per prefix size ``m`` (weights from the nesting), on batches of embeddings:
-``|cos(f(x_i)[:m], f(x_j)[:m]) - cos(x_i, x_j)|`` averaged over all pairs (pairwise term) plus
-the same over each row's ``top_k`` nearest neighbours under the full vectors (top-k term: the
-neighbours retrieval cares about), plus ``reg * |f(x) - x R_0|^2`` keeping the map near its
-start. Optional supervised mode: ``fit(embeddings, queries=q, documents=d)`` adds the fused
+
+* pairwise: ``|cos(f(x_i)[:m], f(x_j)[:m]) - cos(x_i, x_j)|`` averaged over all pairs;
+* listwise: ``KL(p_i || q_i)`` with ``p_i = softmax_j(cos(x_i, x_j) / t)`` and ``q_i`` the same
+  over the prefix cosines (``j != i``, ``t = listwise_temperature``): the prefix must rank each
+  row's neighbours as the full vectors do, weighted towards the nearest ones (the ones
+  retrieval returns);
+* top-k (off by default): the pairwise error over each row's ``top_k`` nearest neighbours;
+* ``reg * |f(x) - x R_0|^2`` keeping the map near its start.
+
+On WordNet (MiniLM, 20k training synsets) the listwise term is what lifts the unsupervised
+adaptor above PCA at 8 and 16 dims (nDCG@10 11.1 vs 6.6 at 8 dims; pairwise + top-k alone
+stayed below PCA there). Optional supervised mode: ``fit(embeddings, queries=q, documents=d)`` adds the fused
 Matryoshka InfoNCE on the pairs (:class:`matryoshka.contrastive.MatryoshkaContrastiveLoss`).
 
 Saved as safetensors (weights) + JSON (parameters); no pickle.
@@ -82,6 +90,9 @@ class MatryoshkaAdaptor:
         lr: Adam learning rate.
         top_k: neighbours per row in the top-k term (within a batch).
         topk_weight: weight of the top-k term relative to the pairwise one.
+        pairwise_weight: weight of the pairwise term.
+        listwise_weight: weight of the listwise (neighbour-distribution) term.
+        listwise_temperature: softmax temperature of the listwise term.
         reg: weight of the ``|f(x) - x R_0|^2`` regulariser.
         supervised_weight: weight of the InfoNCE term in supervised mode.
         temperature: of that InfoNCE term.
@@ -99,12 +110,15 @@ class MatryoshkaAdaptor:
         batch_size: int = 512,
         lr: float = 1e-3,
         top_k: int = 10,
-        topk_weight: float = 1.0,
+        topk_weight: float = 0.0,
         reg: float = 0.0,
         supervised_weight: float = 1.0,
         temperature: float = 0.05,
         seed: int = 0,
         progress: bool = True,
+        pairwise_weight: float = 1.0,
+        listwise_weight: float = 1.0,
+        listwise_temperature: float = 0.05,
     ) -> None:
         if not isinstance(nesting, Nesting):
             raise TypeError(
@@ -122,6 +136,8 @@ class MatryoshkaAdaptor:
             ("topk_weight", topk_weight, "1.0"),
             ("reg", reg, "0.5"),
             ("supervised_weight", supervised_weight, "1.0"),
+            ("pairwise_weight", pairwise_weight, "1.0"),
+            ("listwise_weight", listwise_weight, "1.0"),
         )
         for name, weight, example in weights:
             if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
@@ -132,6 +148,11 @@ class MatryoshkaAdaptor:
             or not (0 < temperature < float("inf"))
         ):
             raise ValueError(f"temperature={temperature!r} must be a positive float, e.g. 0.05.")
+        t = listwise_temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < float("inf"):
+            raise ValueError(
+                f"listwise_temperature={t!r} must be a positive float, e.g. 0.05 (cosines / t)."
+            )
         self.nesting = nesting
         self.hidden = hidden
         self.epochs = epochs
@@ -144,6 +165,9 @@ class MatryoshkaAdaptor:
         self.temperature = temperature
         self.seed = seed
         self.progress = progress
+        self.pairwise_weight = pairwise_weight
+        self.listwise_weight = listwise_weight
+        self.listwise_temperature = float(listwise_temperature)
         self.net_: _AdaptorNet | None = None
         self.history_: list[float] = []
 
@@ -162,22 +186,34 @@ class MatryoshkaAdaptor:
             "temperature": self.temperature,
             "seed": self.seed,
             "progress": self.progress,
+            "pairwise_weight": self.pairwise_weight,
+            "listwise_weight": self.listwise_weight,
+            "listwise_temperature": self.listwise_temperature,
         }
 
     def _similarity_loss(
         self, y: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """Pairwise + top-k similarity preservation: ``(B, d), (B, B) -> scalar``."""
+        """Pairwise + listwise (+ top-k) similarity preservation: ``(B, d), (B, B) -> scalar``."""
         sims = prefix_similarities(y, y, self.nesting)  # (L, B, B) cosines of every prefix
-        err = (sims - target).abs()  # (L, B, B)
-        pair = err.mean(dim=(1, 2))  # (L,)
+        per = torch.zeros_like(weights)  # (L,)
+        err = (sims - target).abs() if self.pairwise_weight > 0 or self.topk_weight > 0 else None
+        if err is not None and self.pairwise_weight > 0:
+            per = per + self.pairwise_weight * err.mean(dim=(1, 2))
         k = min(self.top_k + 1, target.shape[1])
-        nn_idx = target.topk(k, dim=1).indices[:, 1:]  # (B, k-1), skipping the row itself
-        if nn_idx.shape[1] > 0:
+        if err is not None and self.topk_weight > 0 and k > 1:
+            nn_idx = target.topk(k, dim=1).indices[:, 1:]  # (B, k-1), skipping the row itself
             top = err.gather(2, nn_idx.expand(err.shape[0], -1, -1)).mean(dim=(1, 2))  # (L,)
-        else:
-            top = torch.zeros_like(pair)
-        return (weights * (pair + self.topk_weight * top)).sum()
+            per = per + self.topk_weight * top
+        if self.listwise_weight > 0 and target.shape[0] > 1:
+            # Cosines lie in [-1, 1]: -4 / t puts the row itself below every real neighbour.
+            t = self.listwise_temperature
+            eye = torch.eye(target.shape[0], dtype=torch.bool, device=target.device)
+            log_p = torch.log_softmax(target.masked_fill(eye, -4.0) / t, dim=1)  # (B, B)
+            log_q = torch.log_softmax(sims.masked_fill(eye, -4.0) / t, dim=2)  # (L, B, B)
+            kl = (log_p.exp() * (log_p - log_q)).sum(2).mean(1)  # (L,)
+            per = per + self.listwise_weight * kl
+        return (weights * per).sum()
 
     def fit(
         self,
