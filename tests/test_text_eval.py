@@ -119,7 +119,8 @@ def test_tiny_wordnet_evaluation_writes_a_report(tmp_path: Path, shared_cache: P
         "fine-tuned MRL",
         "fine-tuned plain",
     }
-    for metric in ("ndcg@10", "recall@10", "recall@100", "mrr@10"):
+    extra = ("ndcg@10, lemmas->definition", "ndcg@10, example->definition")
+    for metric in ("ndcg@10", "recall@10", "recall@100", "mrr@10", *extra):
         assert set(saved["metrics"][metric]) == methods
         for values in saved["metrics"][metric].values():
             assert len(values) == len(sizes)

