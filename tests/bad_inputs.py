@@ -26,6 +26,8 @@ from matryoshka.evaluate import posthoc_reduce
 from matryoshka.index import load_index, make_index
 from matryoshka.metrics import top_k_indices
 from matryoshka.report import validate_results
+from matryoshka.text_cli import TextEvalConfig
+from matryoshka.text_train import TextTrainConfig, evaluate_text_model
 from matryoshka.train import TrainConfig
 
 Case = tuple[str, str, str, Callable[[], object]]
@@ -183,6 +185,43 @@ CASES: list[Case] = [
         "fit",
         "before fit",
         lambda: MatryoshkaAdaptor(Nesting([4, 8])).transform(np.zeros((2, 8), dtype=np.float32)),
+    ),
+    (
+        "MatryoshkaAdaptor",
+        "listwise_temperature",
+        "0",
+        lambda: MatryoshkaAdaptor(Nesting([4, 8]), listwise_temperature=0),
+    ),
+    ("MatryoshkaAdaptor", "reg", "-1", lambda: MatryoshkaAdaptor(Nesting([4, 8]), reg=-1)),
+    (
+        "text recipe (mrl train, task: text)",
+        "train_pairs",
+        "1",
+        lambda: TextTrainConfig.from_dict({"train_pairs": 1}),
+    ),
+    (
+        "text recipe (mrl train, task: text)",
+        "test_fraction",
+        "0.9 with train_fraction 0.17",
+        lambda: TextTrainConfig.from_dict({"test_fraction": 0.9}),
+    ),
+    (
+        "text recipe (mrl train, task: text)",
+        "option",
+        "an unknown key",
+        lambda: TextTrainConfig.from_dict({"epoch": 2}),
+    ),
+    (
+        "mrl eval (text run)",
+        "path",
+        "a folder without text_model.json",
+        lambda: evaluate_text_model(_tmp()),
+    ),
+    (
+        "text-eval recipe",
+        "adaptor_reg",
+        "-0.5",
+        lambda: TextEvalConfig(adaptor_reg=-0.5),
     ),
 ]
 
