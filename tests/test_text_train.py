@@ -35,6 +35,8 @@ def test_the_shipped_recipe_is_a_valid_text_config() -> None:
         ("train_pairs", 1, "train_pairs=1 must be an int >= 2"),
         ("lr", -1.0, "lr=-1.0 must be a float > 0.0"),
         ("bogus", 1, "unknown text training option(s) ['bogus']"),
+        ("n_sizes_per_step", 9, "n_sizes_per_step=9 must be null (every size) or an int in [1, 7]"),
+        ("layers", [5, 3], "layers=[5, 3] must be null or increasing 0-based layer indices"),
     ],
 )
 def test_bad_text_config_values_are_named(key: str, value: object, message: str) -> None:
@@ -91,3 +93,38 @@ def test_train_then_eval_a_text_run(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert ((base >= 0) & (base <= 1)).all()
     # Sixteen pairs at lr 1e-4 change the weights: the fine-tuned scores are its own.
     assert not np.allclose(tuned, base)
+
+
+@needs_text
+@needs_wordnet
+def test_2d_training_with_sampled_sizes(tmp_path: Path) -> None:
+    """layers + n_sizes_per_step: the 2D loss over layers 3 and 5 with 2 sizes a step."""
+    from matryoshka.text_train import train_text
+
+    common = {
+        "sizes": [32, 128, 384],
+        "train_fraction": 0.001,
+        "test_fraction": 0.0005,
+        "train_pairs": 8,
+        "batch_size": 4,
+        "lr": 1e-4,
+        "n_sizes_per_step": 2,
+        "cache_dir": str(tmp_path / "cache"),
+        "progress": False,
+    }
+    with pytest.raises(ValueError, match=r"layers=\[1, 3\] must end at the model's last layer \(5"):
+        train_text(
+            TextTrainConfig.from_dict({**common, "layers": [1, 3], "out_dir": str(tmp_path)})
+        )
+    out = train_text(
+        TextTrainConfig.from_dict({**common, "layers": [3, 5], "out_dir": str(tmp_path / "r")})
+    )
+    meta = json.loads((out / "text_model.json").read_text())
+    assert meta["config"]["layers"] == [3, 5]
+    assert meta["config"]["n_sizes_per_step"] == 2
+    from matryoshka.text import TextEncoder
+
+    base, tuned = TextEncoder(), TextEncoder(str(out / "model"))
+    texts = ["a domestic animal", "to run fast"]
+    moved = np.abs(tuned.encode(texts, progress=False) - base.encode(texts, progress=False)).max()
+    assert moved > 1e-4  # two steps of the 2D loss changed the weights

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from matryoshka.adaptor import MatryoshkaAdaptor
-from matryoshka.contrastive import MatryoshkaContrastiveLoss
+from matryoshka.contrastive import Matryoshka2dContrastiveLoss, MatryoshkaContrastiveLoss
 from matryoshka.data.wordnet import (
     RetrievalTask,
     Synset,
@@ -97,11 +97,17 @@ def finetune(
     temperature: float = 0.05,
     seed: int = 0,
     progress: bool = True,
+    n_sizes_per_step: int | None = None,
+    layers: Sequence[int] | None = None,
 ) -> TextEncoder:
     """Fine-tune a copy of ``encoder`` on (anchor, positive) pairs with in-batch negatives.
 
     ``matryoshka=True``: the fused Matryoshka InfoNCE over all sizes of ``nesting``; ``False``:
     the same InfoNCE at the full size only (a plain model, truncated later). Returns the copy.
+    ``n_sizes_per_step``: train a random subset of that many sizes each step (seeded).
+    ``layers``: the 2D variant, prefix of layers x prefix of dims
+    (:class:`~matryoshka.contrastive.Matryoshka2dContrastiveLoss` on the mean-pooled output of
+    those layers, 0-based; the last entry must be the model's last layer).
     """
     if len(anchors) != len(positives) or len(anchors) < 2:
         raise ValueError(
@@ -109,8 +115,23 @@ def finetune(
             "2 pairs, the same number of each."
         )
     model = TextEncoder(copy.deepcopy(encoder.model), name=f"{encoder.name}-ft")
-    plain = Nesting([nesting.dim])
-    loss_fn = MatryoshkaContrastiveLoss(nesting if matryoshka else plain, temperature=temperature)
+    ladder = nesting if matryoshka else Nesting([nesting.dim])
+    loss_fn: MatryoshkaContrastiveLoss | Matryoshka2dContrastiveLoss
+    if layers is not None:
+        last = model.n_layers - 1
+        if not layers or list(layers)[-1] != last:
+            raise ValueError(
+                f"layers={list(layers)} must end at the model's last layer ({last}, 0-based) so "
+                f"the full model is trained, e.g. layers=[{max(0, last - 2)}, {last}]."
+            )
+        loss_fn = Matryoshka2dContrastiveLoss(
+            ladder, list(layers), temperature=temperature, n_sizes_per_step=n_sizes_per_step
+        )
+    else:
+        loss_fn = MatryoshkaContrastiveLoss(
+            ladder, temperature=temperature, n_sizes_per_step=n_sizes_per_step
+        )
+    torch.manual_seed(seed)  # the size (and layer) sampling draws from torch's global RNG
     opt = torch.optim.AdamW(model.model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     model.model.train()
@@ -120,9 +141,12 @@ def finetune(
         perm = torch.randperm(len(anchors), generator=gen).tolist()
         for s in range(steps):
             idx = perm[s * batch_size : (s + 1) * batch_size]
-            qa = model.forward(model.tokenize([anchors[i] for i in idx]))
-            pa = model.forward(model.tokenize([positives[i] for i in idx]))
-            out = loss_fn(qa, pa)
+            fa = model.tokenize([anchors[i] for i in idx])
+            fp = model.tokenize([positives[i] for i in idx])
+            if isinstance(loss_fn, Matryoshka2dContrastiveLoss):
+                out = loss_fn(model.forward_layers(fa), model.forward_layers(fp))
+            else:
+                out = loss_fn(model.forward(fa), model.forward(fp))
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()

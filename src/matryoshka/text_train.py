@@ -85,6 +85,17 @@ class TextTrainConfig:
     temperature: float = field(
         default=0.05, metadata={"help": "softmax temperature on cosine similarities"}
     )
+    n_sizes_per_step: int | None = field(
+        default=None,
+        metadata={"help": "train a random subset of this many sizes each step (default: all)"},
+    )
+    layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "2D Matryoshka: also train these layers' pooled outputs (0-based, ending at "
+            "the last layer, e.g. [1, 3, 5] for MiniLM)"
+        },
+    )
     seed: int = field(
         default=0, metadata={"help": "seed of the split, the pair sample and the batch order"}
     )
@@ -107,6 +118,25 @@ class TextTrainConfig:
             ints=(("train_pairs", 2), ("epochs", 1), ("batch_size", 2), ("seed", 0)),
             floats=(("lr", 0.0, False), ("temperature", 0.0, False)),
         )
+        n = self.n_sizes_per_step
+        if n is not None and (
+            isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(self.sizes)
+        ):
+            raise ValueError(
+                f"n_sizes_per_step={n!r} must be null (every size) or an int in "
+                f"[1, {len(self.sizes)}] (the recipe has {len(self.sizes)} sizes)."
+            )
+        layers = self.layers
+        if layers is not None and (
+            not isinstance(layers, list)
+            or not layers
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers)
+            or layers != sorted(set(layers))
+        ):
+            raise ValueError(
+                f"layers={layers!r} must be null or increasing 0-based layer indices ending at "
+                "the model's last layer, e.g. [1, 3, 5] for MiniLM's 6 layers."
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextTrainConfig:
@@ -194,6 +224,8 @@ def train_text(config: TextTrainConfig) -> Path:
         temperature=config.temperature,
         seed=config.seed,
         progress=config.progress,
+        n_sizes_per_step=config.n_sizes_per_step,
+        layers=config.layers,
     )
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
