@@ -19,8 +19,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RECIPE = Path(__file__).parent.parent / "configs" / "text_wordnet_mrl.yaml"
 
 
-def test_the_shipped_recipe_is_a_valid_text_config() -> None:
-    config = TextTrainConfig.from_dict(yaml.safe_load(RECIPE.read_text()))
+TEXT_RECIPES = [
+    p
+    for p in sorted(RECIPE.parent.glob("*.yaml"))
+    if (yaml.safe_load(p.read_text()) or {}).get("task") == "text"
+]
+
+
+def test_the_text_recipes_are_found() -> None:
+    assert RECIPE in TEXT_RECIPES
+    assert len(TEXT_RECIPES) >= 2
+
+
+@pytest.mark.parametrize("path", TEXT_RECIPES, ids=lambda p: p.name)
+def test_every_shipped_text_recipe_is_a_valid_config(path: Path) -> None:
+    config = TextTrainConfig.from_dict(yaml.safe_load(path.read_text()))
     assert config.matryoshka
     assert config.sizes[-1] == 384
 
