@@ -138,6 +138,19 @@ def test_2d_training_with_sampled_sizes(tmp_path: Path) -> None:
     from matryoshka.text import TextEncoder
 
     base, tuned = TextEncoder(), TextEncoder(str(out / "model"))
-    texts = ["a domestic animal", "to run fast"]
-    moved = np.abs(tuned.encode(texts, progress=False) - base.encode(texts, progress=False)).max()
+    texts = ["a domestic animal", "to run fast", "the edge of a river"]
+    full = tuned.encode(texts, progress=False)
+    moved = np.abs(full - base.encode(texts, progress=False)).max()
     assert moved > 1e-4  # two steps of the 2D loss changed the weights
+    # MiniLM's sentence embedding is the normalised mean pool of its last layer
+    exits = tuned.encode(texts, layers=[3, 5], progress=False)
+    assert exits.shape == (2, 3, 384)
+    np.testing.assert_allclose(exits[1], full, atol=1e-5)
+    assert np.abs(exits[0] - full).max() > 1e-2  # layer 4's output is another vector
+    with pytest.raises(ValueError, match=r"layers=\[6\] must be 0-based layer indices in \[0, 5\]"):
+        tuned.encode(texts, layers=[6])
+
+    res = evaluate_text_model(out, progress=False)
+    exit_label = "fine-tuned, exit after layer 4 of 6"
+    assert set(res["metrics"]["ndcg@10"]) == {"fine-tuned", "base truncated", exit_label}
+    assert len(res["metrics"]["ndcg@10"][exit_label]) == 3

@@ -102,9 +102,11 @@ def _text_train_config(data: dict[str, Any], args: argparse.Namespace) -> Any:
 def _print_text_tables(results: dict[str, Any]) -> None:
     for metric in ("ndcg@10", "recall@10"):
         table = results["metrics"][metric]
-        print(f"{metric:>6} " + "".join(f"{name:>18}" for name in table))
+        widths = [max(18, len(name) + 2) for name in table]
+        print(f"{metric:>6} " + "".join(f"{n:>{w}}" for n, w in zip(table, widths, strict=True)))
         for i, m in enumerate(results["sizes"]):
-            print(f"{m:>6} " + "".join(f"{100 * v[i]:>17.1f}%" for v in table.values()))
+            cells = (f"{100 * v[i]:.1f}%" for v in table.values())
+            print(f"{m:>6} " + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

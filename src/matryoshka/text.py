@@ -165,23 +165,38 @@ class TextEncoder:
         batch_size: int = 64,
         normalize: bool = True,
         progress: bool = True,
+        layers: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Embed ``texts``: ``N`` strings -> ``(N, d)`` float32, unit-norm if ``normalize``."""
+        """Embed ``texts``: ``N`` strings -> ``(N, d)`` float32, unit-norm if ``normalize``.
+
+        With ``layers`` (0-based): the mean-pooled output of each of those layers (early exits
+        of a 2D Matryoshka model), ``(len(layers), N, d)``, from one pass per batch.
+        """
         texts = _check_texts(texts)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive int, e.g. 64.")
+        picked = None if layers is None else list(layers)
+        if picked is not None and (
+            not picked or any(not isinstance(x, int) or not 0 <= x < self.n_layers for x in picked)
+        ):
+            raise ValueError(
+                f"layers={layers!r} must be 0-based layer indices in [0, {self.n_layers - 1}] "
+                f"({self.name} has {self.n_layers} layers)."
+            )
         was_training = self.model.training
         self.model.eval()
         # Sort by length so batches pad little; restore the order at the end.
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        shape = (len(texts), self.dim) if picked is None else (len(picked), len(texts), self.dim)
+        out = np.empty(shape, dtype=np.float32)
         bar = tqdm(total=len(texts), desc=f"encode {self.name}", unit="text", disable=not progress)
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
-            emb = self.forward(self.tokenize([texts[i] for i in idx]))
+            feats = self.tokenize([texts[i] for i in idx])
+            emb = self.forward(feats) if picked is None else self.forward_layers(feats)[picked]
             if normalize:
                 emb = torch.nn.functional.normalize(emb, dim=-1)
-            out[idx] = emb.float().cpu().numpy()
+            out[..., idx, :] = emb.float().cpu().numpy()
             bar.update(len(idx))
         bar.close()
         self.model.train(was_training)
