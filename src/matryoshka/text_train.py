@@ -254,7 +254,8 @@ def evaluate_text_model(
 
     Returns ``{"sizes", "metrics": {metric: {"fine-tuned": [...], "base truncated": [...]}},
     "meta"}`` with values in [0, 1], one per size; a 2D run (``layers``) adds one entry per
-    early exit (``"fine-tuned, exit after layer l of L"``).
+    early exit (``"fine-tuned, exit after layer l of L"``) and the base model's mean pool at
+    the same layer (``"base, exit after ..."``).
     """
     from matryoshka.data.wordnet import definition_to_lemmas
     from matryoshka.ops import truncate_numpy
@@ -290,16 +291,18 @@ def evaluate_text_model(
             scores = retrieval_metrics(task, truncate_numpy(q, m, True), truncate_numpy(c, m, True))
             for metric, value in scores.items():
                 metrics.setdefault(metric, {}).setdefault(label, []).append(value)
-    if config.layers is not None and len(config.layers) > 1:  # 2D: score the early exits too
+    if config.layers is not None and len(config.layers) > 1:
+        # 2D: score the early exits too, and the base model's mean pool at the same layers
         exits = config.layers[:-1]
-        q = tuned.encode(task.queries, layers=exits, progress=progress)  # (exits, Q, d)
-        c = tuned.encode(task.corpus, layers=exits, progress=progress)
-        for j, layer in enumerate(exits):
-            label = f"fine-tuned, exit after layer {layer + 1} of {tuned.n_layers}"
-            for m in config.sizes:
-                qm, cm = truncate_numpy(q[j], m, True), truncate_numpy(c[j], m, True)
-                for metric, value in retrieval_metrics(task, qm, cm).items():
-                    metrics.setdefault(metric, {}).setdefault(label, []).append(value)
+        for who, enc in (("fine-tuned", tuned), ("base", models["base truncated"])):
+            q = enc.encode(task.queries, layers=exits, progress=progress)  # (exits, Q, d)
+            c = enc.encode(task.corpus, layers=exits, progress=progress)
+            for j, layer in enumerate(exits):
+                label = f"{who}, exit after layer {layer + 1} of {enc.n_layers}"
+                for m in config.sizes:
+                    qm, cm = truncate_numpy(q[j], m, True), truncate_numpy(c[j], m, True)
+                    for metric, value in retrieval_metrics(task, qm, cm).items():
+                        metrics.setdefault(metric, {}).setdefault(label, []).append(value)
     return {
         "task": "wordnet definition->lemmas retrieval (held-out synsets)",
         "sizes": list(config.sizes),
