@@ -51,7 +51,7 @@ import numpy as np
 
 from matryoshka.cli import add_dataclass_arguments
 from matryoshka.io import atomic_write_bytes
-from matryoshka.text_train import check_text_options, config_from_dict
+from matryoshka.text_train import WordnetTextOptions, check_text_options, config_from_dict
 
 __all__ = [
     "WORDNET_FIELDS",
@@ -82,7 +82,7 @@ def _fail(message: str) -> int:
 
 
 @dataclass
-class TextEvalConfig:
+class TextEvalConfig(WordnetTextOptions):
     """Options of the WordNet text evaluation (:func:`matryoshka.text_eval.run_wordnet_evaluation`).
 
     Validated on construction; :meth:`from_dict` reads a YAML recipe's mapping.
@@ -91,17 +91,6 @@ class TextEvalConfig:
     out_dir: str = field(
         default="results/text_wordnet",
         metadata={"help": "folder for results.json and the report"},
-    )
-    sizes: list[int] = field(
-        default_factory=lambda: [8, 16, 32, 64, 128, 256, 384],
-        metadata={"help": "prefix sizes, increasing, the last one the model's dimension (384)"},
-    )
-    train_fraction: float = field(
-        default=0.17,
-        metadata={"help": "share of synsets for fitting PCA, adaptor, probe and fine-tuning"},
-    )
-    test_fraction: float = field(
-        default=0.02, metadata={"help": "share of synsets held out for retrieval and the probe"}
     )
     train_pairs: int = field(
         default=8000,
@@ -115,9 +104,6 @@ class TextEvalConfig:
     probe_limit: int = field(
         default=10000, metadata={"help": "at most this many training synsets for the probe"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of the split, sampling and training"})
-    cache_dir: str = field(default=".cache/embeddings", metadata={"help": "embedding cache folder"})
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
         check_text_options(

@@ -29,6 +29,7 @@ from matryoshka.io import atomic_write_bytes
 __all__ = [
     "TEXT_MODEL_FILE",
     "TextTrainConfig",
+    "WordnetTextOptions",
     "check_text_options",
     "config_from_dict",
     "evaluate_text_model",
@@ -44,7 +45,31 @@ _FORMAT = "matryoshka.text_model/1"
 
 
 @dataclass
-class TextTrainConfig:
+class WordnetTextOptions:
+    """The options every WordNet text recipe shares: sizes, the seeded split, the pairs, the
+    cache. :class:`TextTrainConfig` and :class:`matryoshka.text_cli.TextEvalConfig` extend it."""
+
+    sizes: list[int] = field(
+        default_factory=lambda: [8, 16, 32, 64, 128, 256, 384],
+        metadata={"help": "prefix sizes, increasing, the last one the model's dimension (384)"},
+    )
+    train_fraction: float = field(
+        default=0.17,
+        metadata={"help": "share of synsets for training (pairs, and PCA/adaptor/probe fits)"},
+    )
+    test_fraction: float = field(
+        default=0.02, metadata={"help": "share of synsets held out for evaluation (drawn first)"}
+    )
+    train_pairs: int = field(
+        default=8000, metadata={"help": "(definition, lemmas) pairs to fine-tune MiniLM on"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the split, sampling and training"})
+    cache_dir: str = field(default=".cache/embeddings", metadata={"help": "embedding cache folder"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+
+@dataclass
+class TextTrainConfig(WordnetTextOptions):
     """Options of :func:`train_text` (YAML keys; ``task: text`` routes ``mrl train`` here).
 
     Validated on construction; :meth:`from_dict` reads a YAML recipe's mapping.
@@ -60,24 +85,11 @@ class TextTrainConfig:
             "help": "sentence-transformers model name or path (default: the bundled all-MiniLM-L6-v2)"
         },
     )
-    sizes: list[int] = field(
-        default_factory=lambda: [8, 16, 32, 64, 128, 256, 384],
-        metadata={"help": "prefix sizes, increasing, the last one the model's dimension"},
-    )
     matryoshka: bool = field(
         default=True,
         metadata={
             "help": "train every size with the fused Matryoshka loss (false: full size only)"
         },
-    )
-    train_fraction: float = field(
-        default=0.17, metadata={"help": "share of synsets the training pairs come from"}
-    )
-    test_fraction: float = field(
-        default=0.02, metadata={"help": "share of synsets held out for evaluation"}
-    )
-    train_pairs: int = field(
-        default=8000, metadata={"help": "(definition, lemmas) pairs to train on"}
     )
     epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (in-batch negatives)"})
@@ -96,19 +108,12 @@ class TextTrainConfig:
             "the last layer, e.g. [1, 3, 5] for MiniLM)"
         },
     )
-    seed: int = field(
-        default=0, metadata={"help": "seed of the split, the pair sample and the batch order"}
-    )
     out_dir: str = field(
         default="runs/text_mrl", metadata={"help": "run folder: model/ and text_model.json"}
     )
     wordnet_root: str = field(
         default="/usr/share/wordnet", metadata={"help": "WordNet data folder"}
     )
-    cache_dir: str = field(
-        default=".cache/embeddings", metadata={"help": "embedding cache folder (evaluation)"}
-    )
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
         if self.task != "text":
