@@ -64,16 +64,35 @@ def _fmt_raw(v: float | None) -> str:
     return f"{v:.4g}"
 
 
-def plot_metric(results: dict[str, Any], metric: str, path: Path) -> Path:
-    """One PNG: ``metric`` against size (log2 x axis), one line per method."""
+def line_axes() -> tuple[Any, Any]:
+    """A ``(figure, axes)`` pair for a line plot, on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(6.4, 4.2), dpi=120)
+
+
+def save_line_plot(fig: Any, ax: Any, path: str | Path) -> Path:
+    """Grid, legend and tight layout; write ``path`` (making its folder) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_metric(results: dict[str, Any], metric: str, path: Path) -> Path:
+    """One PNG: ``metric`` against size (log2 x axis), one line per method."""
     sizes = results["sizes"]
     label = results.get("metric_labels", {}).get(metric, metric)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = line_axes()
     for method, values in results["metrics"][metric].items():
         pts = [(s, v) for s, v in zip(sizes, values, strict=True) if v is not None]
         if pts:
@@ -85,24 +104,13 @@ def plot_metric(results: dict[str, Any], metric: str, path: Path) -> Path:
     ax.set_xlabel("representation size m (log2)")
     ax.set_ylabel(metric)
     ax.set_title(textwrap.fill(f"{results['task']}: {label}", 70), fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_line_plot(fig, ax, path)
 
 
 def plot_curve(curve: dict[str, Any], path: Path) -> Path:
     """One PNG of free-form series (``{"series": {label: {"x": [...], "y": [...]}}}``), e.g.
     accuracy against expected dimension for an adaptive cascade."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = line_axes()
     for label, series in curve["series"].items():
         ax.plot(series["x"], series["y"], marker="o", ms=4, label=label)
     if curve.get("log2x"):
@@ -110,13 +118,7 @@ def plot_curve(curve: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel(curve.get("xlabel", ""))
     ax.set_ylabel(curve.get("ylabel", ""))
     ax.set_title(textwrap.fill(curve.get("title", ""), 70), fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_line_plot(fig, ax, path)
 
 
 def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:

@@ -34,6 +34,7 @@ from matryoshka.data.images import load_mnist_subset
 from matryoshka.heads import MatryoshkaHead
 from matryoshka.losses import MatryoshkaLoss
 from matryoshka.nesting import Nesting
+from matryoshka.report import line_axes, save_line_plot
 from matryoshka.train import seed_everything
 
 __all__ = ["DepthConfig", "DepthMatryoshka", "depth_loss", "plot_quality_vs_compute", "run_depth"]
@@ -151,12 +152,7 @@ def plot_quality_vs_compute(
     points: dict[str, list[tuple[float, float]]], path: str | Path, title: str
 ) -> Path:
     """Accuracy against MFLOPs, one line per exit (points ordered by size)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = line_axes()
     for name, pts in points.items():
         xs, ys = zip(*pts, strict=True)
         ax.plot(xs, ys, marker="o", ms=4, label=name)
@@ -164,14 +160,7 @@ def plot_quality_vs_compute(
     ax.set_xlabel("MFLOPs per image (forward to this exit, this size)")
     ax.set_ylabel("test top-1")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_line_plot(fig, ax, path)
 
 
 @dataclass
