@@ -211,10 +211,22 @@ def run_wordnet_evaluation(
     train, test = wordnet_split(load_synsets(), seed, train_fraction, test_fraction)
     task = definition_to_lemmas(test)
 
+    # Each label names one text list, so (model, label) finds an array already loaded: the
+    # methods built on the base model share its embeddings instead of re-reading the disk cache
+    # (and re-hashing the weights) once per method and task.
+    loaded: dict[tuple[int, str], np.ndarray] = {}
+
     def emb(enc: TextEncoder, texts: Sequence[str], what: str) -> np.ndarray:
-        return encode_cached(
-            list(texts), enc, cache_dir=cache_dir, key=f"wordnet/s{seed}/{what}", progress=progress
-        )
+        key = (id(enc), what)
+        if key not in loaded:
+            loaded[key] = encode_cached(
+                list(texts),
+                enc,
+                cache_dir=cache_dir,
+                key=f"wordnet/s{seed}/{what}",
+                progress=progress,
+            )
+        return loaded[key]
 
     tr_frac = f"train{round(train_fraction * 1000)}"
     tr_def = emb(base, [s.definition for s in train], f"{tr_frac}/definitions")
