@@ -75,10 +75,10 @@ def _load_yaml(path: str | None) -> dict[str, Any]:
     return data
 
 
-def _train_config(args: argparse.Namespace) -> Any:
+def _train_config(data: dict[str, Any], args: argparse.Namespace) -> Any:
+    """An image recipe's mapping with the flags given on the command line applied."""
     from matryoshka.train import TrainConfig
 
-    data = _load_yaml(args.config)
     data.update(_overrides(args, TrainConfig))
     try:
         return TrainConfig.from_dict(data)
@@ -120,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         folder = train_text(_text_train_config(data, args))
         print(f"saved {folder / 'model'}; evaluate it with: mrl eval --model {folder}")
         return 0
-    config = _train_config(args)
+    config = _train_config(data, args)
     result = train(config)
     last = result.history[-1]["val_acc"] if result.history else []
     print(f"saved {result.model_path} ({result.seconds:.1f} s); val top-1 per size: {last}")
