@@ -163,7 +163,7 @@ def synsets() -> list[Synset]:
 
 @needs_wordnet
 def test_wordnet_labels_match_the_lexicographer_files(synsets):
-    labels = wordnet_labels(synsets, ["pos", "ss_type", "lexname"], WORDNET)
+    labels = wordnet_labels(synsets, ["pos", "ss_type", "lexname"])
     pos = [WORDNET_TASKS["pos"][i] for i in labels["pos"].tolist()]
     lex = [WORDNET_TASKS["lexname"][i] for i in labels["lexname"].tolist()]
     prefix = {"noun": "n", "verb": "v", "adj": "a", "adv": "r"}

@@ -218,34 +218,19 @@ def digit_task_data(tasks: Sequence[str], seed: int = 0) -> TaskData:
     )
 
 
-def _satellite_ids(root: str | Path) -> set[str]:
-    """Ids (``"{offset}-a"``) of the adjective satellites: ``ss_type`` ``s`` in ``data.adj``."""
-    out: set[str] = set()
-    with (Path(root) / "data.adj").open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.startswith("  "):  # license header
-                fields = line.split(maxsplit=3)
-                if len(fields) > 2 and fields[2] == "s":
-                    out.add(f"{fields[0]}-a")
-    return out
-
-
-def wordnet_labels(
-    synsets: Sequence[Synset], tasks: Sequence[str], root: str | Path = "/usr/share/wordnet"
-) -> dict[str, torch.Tensor]:
+def wordnet_labels(synsets: Sequence[Synset], tasks: Sequence[str]) -> dict[str, torch.Tensor]:
     """``{task: (N,)}`` int64 labels of ``synsets`` for ``tasks`` (keys of
-    :data:`WORDNET_TASKS`); ``root`` is read only for ``ss_type`` (to find the satellites)."""
+    :data:`WORDNET_TASKS`)."""
     unknown = [t for t in tasks if t not in WORDNET_TASKS]
     if unknown:
         raise ValueError(f"tasks {unknown} are not WordNet tasks: pick from {list(WORDNET_TASKS)}.")
-    satellites = _satellite_ids(root) if "ss_type" in tasks else set()
     out: dict[str, torch.Tensor] = {}
     for t in tasks:
         index = {name: i for i, name in enumerate(WORDNET_TASKS[t])}
         if t == "pos":
             labels = [index[s.pos] for s in synsets]
         elif t == "ss_type":
-            labels = [index["s" if s.id in satellites else s.pos] for s in synsets]
+            labels = [index["s" if s.satellite else s.pos] for s in synsets]
         else:
             labels = [index[s.lexname] for s in synsets]
         out[t] = torch.tensor(labels, dtype=torch.int64)
@@ -310,9 +295,9 @@ def wordnet_task_data(
     return TaskData(
         name=f"WordNet definitions ({encoder.name} embeddings, frozen)",
         x_train=torch.from_numpy(np.ascontiguousarray(x_train)),
-        y_train=wordnet_labels(train, tasks, root),
+        y_train=wordnet_labels(train, tasks),
         x_test=torch.from_numpy(np.ascontiguousarray(x_test)),
-        y_test=wordnet_labels(test, tasks, root),
+        y_test=wordnet_labels(test, tasks),
         num_classes={t: len(WORDNET_TASKS[t]) for t in tasks},
     )
 

@@ -77,6 +77,7 @@ class Synset:
         definition: the gloss without its usage examples.
         examples: the quoted usage examples of the gloss (often empty).
         hypernyms: ids of the (instance) hypernym synsets.
+        satellite: an adjective satellite (``ss_type`` ``s`` in ``data.adj``; ``pos`` is ``a``).
     """
 
     id: str
@@ -86,6 +87,7 @@ class Synset:
     definition: str
     examples: tuple[str, ...]
     hypernyms: tuple[str, ...]
+    satellite: bool = False
 
     @property
     def lemma_text(self) -> str:
@@ -129,6 +131,7 @@ def _parse_line(line: str, pos: str, path: Path, lineno: int) -> Synset:
         definition=definition,
         examples=examples,
         hypernyms=hypernyms,
+        satellite=fields[2] == "s",
     )
 
 
