@@ -7,7 +7,7 @@
 Forward + backward of the loss on fixed embeddings (the transformer's cost is the same for every
 variant), for every size of ``Nesting.doubling(8, dim)``, timed side by side and interleaved:
 
-* ``fused``: :class:`matryoshka.contrastive.MatryoshkaContrastiveLoss`;
+* ``fused``: :class:`matryoshka.losses.contrastive.MatryoshkaContrastiveLoss`;
 * ``loop``: the same loss as a per-size Python loop through autograd (normalise, matmul, CE);
 * ``st``: sentence-transformers' ``MatryoshkaLoss(model, MultipleNegativesRankingLoss(model))``;
 * ``one``: one full-size InfoNCE (the cost of a single similarity matrix, the floor).
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from matryoshka import Nesting
-from matryoshka.contrastive import MatryoshkaContrastiveLoss
+from matryoshka.losses.contrastive import MatryoshkaContrastiveLoss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.st_reference
 
@@ -98,7 +98,7 @@ def text_step(
     batch: int, nesting: Nesting, t: float, repeats: int, clock: Callable[[], float]
 ) -> dict[str, object]:
     """One MiniLM training step (tokenised batch -> loss -> backward -> SGD): fused vs one."""
-    from matryoshka.text import TextEncoder
+    from matryoshka.models.text_encoder import TextEncoder
 
     enc = TextEncoder()
     model = enc.model

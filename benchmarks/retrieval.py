@@ -5,7 +5,7 @@
 
 Corpus: every WordNet synset definition (117,659); queries: usage examples of 1,000 synsets
 (texts that are not in the corpus). ``--encoder minilm`` embeds them with all-MiniLM-L6-v2
-(cached by :func:`matryoshka.text.encode_cached`; ~7 min once on an idle 2-core machine);
+(cached by :func:`matryoshka.models.text_encoder.encode_cached`; ~7 min once on an idle 2-core machine);
 ``--encoder static`` uses the mean of MiniLM's input token embeddings (no transformer layers,
 mean-centred: seconds, for a quick run or a machine too busy to encode). ``--vectors X.npy`` uses any cached ``(N, d)`` matrix and holds out its
 last ``--n-queries`` rows as queries. ``--pca`` adds a PCA-rotated copy of the same vectors: an
@@ -19,7 +19,7 @@ HNSW shortlist for several ``(m_s, k')``. Reported: queries/s, recall@k against 
 bytes of vectors touched per query, index size and build time. Prints a table, writes JSON and a
 PNG (recall vs queries/s).
 
-``--backends milvus,pgvector`` adds the funnel inside the vector databases (:mod:`matryoshka.vectordb`)
+``--backends milvus,pgvector`` adds the funnel inside the vector databases (:mod:`matryoshka.retrieval.vectordb`)
 for ``--db-shortlist-sizes`` x ``--shortlist-ks``: Milvus Lite on a temp file (or ``--milvus-uri``)
 and PostgreSQL + pgvector started with pgserver in a temp folder (or ``--pg-url``). Their build
 time is the ingestion (including the HNSW build), their size the bytes on disk, and their
@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from matryoshka.adaptive import FunnelRetriever, recall_vs_reference
-from matryoshka.index import FaissIndex, VectorIndex, import_faiss, make_index
 from matryoshka.ops import truncate_numpy
+from matryoshka.retrieval.funnel import FunnelRetriever, recall_vs_reference
+from matryoshka.retrieval.index import FaissIndex, VectorIndex, import_faiss, make_index
 
 TARGET_RECALL, TARGET_SPEEDUP = 0.99, 14.0
 
@@ -61,7 +61,7 @@ def wordnet_texts(n_queries: int, seed: int) -> tuple[list[str], list[str]]:
 
 def static_minilm(texts: list[str]) -> np.ndarray:
     """Mean of MiniLM's input token embeddings over each text's word pieces: ``(N, 384)``."""
-    from matryoshka.text import load_model
+    from matryoshka.models.text_encoder import load_model
 
     model = load_model()
     table = model[0].auto_model.embeddings.word_embeddings.weight.detach().numpy()  # (V, 384)
@@ -89,7 +89,7 @@ def load_vectors(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]
             "layers), mean-centred"
         )
         return x[: len(corpus)], x[len(corpus) :], desc
-    from matryoshka.text import encode_cached
+    from matryoshka.models.text_encoder import encode_cached
 
     xc = encode_cached(corpus, key="wordnet/all/definitions")
     xq = encode_cached(queries, key=f"wordnet/examples/{args.n_queries}/seed{args.seed}")
@@ -285,7 +285,7 @@ def bench_database(
     add_row: Any,
 ) -> None:
     """Funnel inside Milvus (Lite) or PostgreSQL + pgvector: ingest, then search each ``k'``."""
-    from matryoshka.vectordb import open_vectordb
+    from matryoshka.retrieval.vectordb import open_vectordb
 
     if backend not in ("milvus", "pgvector"):
         raise SystemExit(f"--backends: {backend!r} is not 'milvus' or 'pgvector'")

@@ -16,19 +16,19 @@ import numpy as np
 import torch
 
 from matryoshka import MatryoshkaHead, MatryoshkaLoss, Nesting, prefix_similarities, truncate
-from matryoshka.adaptor import MatryoshkaAdaptor
 from matryoshka.backbones import create_backbone
 from matryoshka.backbones.resnet import load_weights_file
 from matryoshka.checkpoint import load_checkpoint
 from matryoshka.cli import main as cli
+from matryoshka.cli.text import TextEvalConfig
 from matryoshka.data.images import load_dataset, stratified_split
-from matryoshka.evaluate import posthoc_reduce
-from matryoshka.index import load_index, make_index
-from matryoshka.metrics import top_k_indices
+from matryoshka.evaluation.image import posthoc_reduce
+from matryoshka.evaluation.metrics import top_k_indices
+from matryoshka.models.adaptor import MatryoshkaAdaptor
 from matryoshka.report import validate_results
-from matryoshka.text_cli import TextEvalConfig
-from matryoshka.text_train import TextTrainConfig, evaluate_text_model
-from matryoshka.train import TrainConfig
+from matryoshka.retrieval.index import load_index, make_index
+from matryoshka.training.image import TrainConfig
+from matryoshka.training.text import TextTrainConfig, evaluate_text_model
 
 Case = tuple[str, str, str, Callable[[], object]]
 

@@ -11,19 +11,21 @@ import torch
 from sklearn.datasets import load_digits
 
 from matryoshka import MatryoshkaHead, Nesting
-from matryoshka.adaptive import (
+from matryoshka.cascade import (
     AdaptiveClassifier,
-    FunnelRetriever,
-    FunnelTuner,
     cascade_curve,
     cascade_stages,
     confidence_scores,
     fit_thresholds,
     head_flops,
+)
+from matryoshka.retrieval.funnel import (
+    FunnelRetriever,
+    FunnelTuner,
     open_corpus,
     recall_vs_reference,
 )
-from matryoshka.index import make_index
+from matryoshka.retrieval.index import make_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

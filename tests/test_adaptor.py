@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from matryoshka import Nesting
-from matryoshka.adaptor import MatryoshkaAdaptor, NotFittedError
-from matryoshka.metrics import ndcg_at_k, relevance_from_labels, top_k_indices
+from matryoshka.evaluation.metrics import ndcg_at_k, relevance_from_labels, top_k_indices
+from matryoshka.models.adaptor import MatryoshkaAdaptor, NotFittedError
 from matryoshka.ops import truncate_numpy
 
 NEST = Nesting([4, 8, 32])

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from matryoshka.apps import APPS, get_app
-from matryoshka.apps.cli import load_app_config, register
+from matryoshka.cli.apps import load_app_config, register
 
 RECIPES = sorted((Path(__file__).parent.parent / "configs").glob("app_*.yaml"))
 

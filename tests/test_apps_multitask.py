@@ -234,7 +234,7 @@ def test_wordnet_recipe_end_to_end_on_a_tiny_subset(tmp_path: Path, monkeypatch)
     def no_encoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("encoded again instead of reading the cache")
 
-    monkeypatch.setattr("matryoshka.text.TextEncoder.encode", no_encoding)
+    monkeypatch.setattr("matryoshka.models.text_encoder.TextEncoder.encode", no_encoding)
     data = wordnet_task_data(
         ["ss_type"], WORDNET, fraction=0.0005, cache_dir=tmp_path / "cache", progress=False
     )

@@ -8,7 +8,7 @@ import torch
 from matryoshka.apps.common import load_digits_images, select_classes
 from matryoshka.apps.transfer import TransferConfig, fit_transfer, transfer_classifier
 from matryoshka.backbones import create_backbone
-from matryoshka.losses import MatryoshkaLoss
+from matryoshka.losses.classification import MatryoshkaLoss
 from matryoshka.nesting import Nesting
 
 

@@ -7,10 +7,10 @@ import torch
 
 from matryoshka.apps.vit import ViTBackbone, ViTConfig
 from matryoshka.backbones import create_backbone, list_backbones
-from matryoshka.losses import MatryoshkaLoss
-from matryoshka.models import MatryoshkaClassifier
+from matryoshka.losses.classification import MatryoshkaLoss
+from matryoshka.models.classifier import MatryoshkaClassifier
 from matryoshka.nesting import Nesting
-from matryoshka.train import TrainConfig
+from matryoshka.training.image import TrainConfig
 
 
 def test_vit_maps_images_to_embeddings():

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from matryoshka.backbones import create_backbone, list_backbones, register_backbone
 from matryoshka.backbones.resnet import ResNetBackbone, load_weights_file
-from matryoshka.models import MatryoshkaClassifier
+from matryoshka.models.classifier import MatryoshkaClassifier
 from matryoshka.nesting import Nesting
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from matryoshka import Nesting
-from matryoshka.contrastive import (
+from matryoshka.losses.contrastive import (
     Matryoshka2dContrastiveLoss,
     MatryoshkaContrastiveLoss,
     _softmax_needs_no_logs,

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from matryoshka.evaluate import embed, knn1_accuracy, linear_probe, posthoc_reduce, retrieval_map
+from matryoshka.evaluation.image import (
+    embed,
+    knn1_accuracy,
+    linear_probe,
+    posthoc_reduce,
+    retrieval_map,
+)
 
 
 def _clusters(seed, n=120, d=6):

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from matryoshka.index import (
+from matryoshka.retrieval.index import (
     NO_SCORE,
     ExactIndex,
     FaissIndex,
@@ -217,7 +217,7 @@ def test_single_vector_query_and_empty_batch() -> None:
 def _cli(argv: list[str]) -> int:
     import argparse
 
-    from matryoshka.index_cli import register
+    from matryoshka.cli.retrieval import register
 
     parser = argparse.ArgumentParser(prog="mrl")
     register(parser.add_subparsers(dest="command", required=True))

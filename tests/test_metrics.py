@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from matryoshka.metrics import (
+from matryoshka.evaluation.metrics import (
     accuracy,
     average_precision_at_k,
     mrr_at_k,

@@ -128,7 +128,7 @@ def test_prefix_similarities_match_per_size_cosine(n, q, k, seed):
     st.integers(0, 2**31 - 1),
 )
 def test_exact_index_matches_brute_force(d, n, q, k, normalize, seed):
-    from matryoshka.index import NO_SCORE, make_index
+    from matryoshka.retrieval.index import NO_SCORE, make_index
 
     rng = np.random.default_rng(seed)
     corpus = rng.normal(size=(n, d)).astype(np.float32)
@@ -151,7 +151,7 @@ def test_exact_index_matches_brute_force(d, n, q, k, normalize, seed):
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(ladders(max_dim=12), st.integers(0, 2**31 - 1))
 def test_adaptor_outputs_nested_unit_prefixes(n, seed):
-    from matryoshka.adaptor import MatryoshkaAdaptor
+    from matryoshka.models.adaptor import MatryoshkaAdaptor
 
     x = np.random.default_rng(seed).normal(size=(24, n.dim)).astype(np.float32)
     adaptor = MatryoshkaAdaptor(n, hidden=8, epochs=1, batch_size=8, progress=False, seed=seed).fit(

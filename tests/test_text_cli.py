@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from matryoshka.adaptor import MatryoshkaAdaptor
 from matryoshka.cli import main
+from matryoshka.cli.text import TextEvalConfig, wordnet_texts
+from matryoshka.models.adaptor import MatryoshkaAdaptor
 from matryoshka.ops import truncate_numpy
-from matryoshka.text_cli import TextEvalConfig, wordnet_texts
 from tests.markers import WORDNET, needs_text, needs_wordnet
 
 RECIPE = Path(__file__).parent.parent / "configs" / "text_wordnet.yaml"
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def encoder() -> object:
-    from matryoshka.text import TextEncoder
+    from matryoshka.models.text_encoder import TextEncoder
 
     return TextEncoder()
 

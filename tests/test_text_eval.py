@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from matryoshka import Nesting
-from matryoshka.contrastive import MatryoshkaContrastiveLoss
 from matryoshka.data.wordnet import RetrievalTask, Synset, load_synsets, split_synsets
+from matryoshka.evaluation.text import format_tables, retrieval_metrics
+from matryoshka.losses.contrastive import MatryoshkaContrastiveLoss
 from matryoshka.report import validate_results
-from matryoshka.text_eval import format_tables, retrieval_metrics
 from tests.markers import WORDNET, needs_text, needs_wordnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,8 +60,8 @@ def wordnet() -> list[Synset]:
 @needs_wordnet
 @needs_text
 def test_finetune_changes_weights_and_lowers_the_loss(wordnet: list[Synset]) -> None:
-    from matryoshka.text import TextEncoder
-    from matryoshka.text_eval import finetune
+    from matryoshka.evaluation.text import finetune
+    from matryoshka.models.text_encoder import TextEncoder
 
     torch.manual_seed(0)
     pairs = split_synsets(wordnet, seed=0, fractions={"train": 0.0001})["train"][:8]
@@ -93,7 +93,7 @@ def test_finetune_changes_weights_and_lowers_the_loss(wordnet: list[Synset]) -> 
 @needs_wordnet
 @needs_text
 def test_tiny_wordnet_evaluation_writes_a_report(tmp_path: Path, shared_cache: Path) -> None:
-    from matryoshka.text_eval import run_wordnet_evaluation
+    from matryoshka.evaluation.text import run_wordnet_evaluation
 
     out, sizes = tmp_path / "out", [32, 384]
     res = run_wordnet_evaluation(
@@ -154,7 +154,7 @@ def test_tiny_wordnet_evaluation_writes_a_report(tmp_path: Path, shared_cache: P
 
 @needs_text
 def test_evaluation_rejects_bad_options(tmp_path: Path) -> None:
-    from matryoshka.text_eval import run_wordnet_evaluation
+    from matryoshka.evaluation.text import run_wordnet_evaluation
 
     with pytest.raises(ValueError, match=r"train_pairs=-1 must be an int >= 0"):
         run_wordnet_evaluation(out_dir=tmp_path, train_pairs=-1, progress=False)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from matryoshka.cli import main
-from matryoshka.text_train import TextTrainConfig, evaluate_text_model, is_text_run
+from matryoshka.training.text import TextTrainConfig, evaluate_text_model, is_text_run
 from tests.markers import needs_text, needs_wordnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,7 +112,7 @@ def test_train_then_eval_a_text_run(tmp_path: Path, capsys: pytest.CaptureFixtur
 @needs_wordnet
 def test_2d_training_with_sampled_sizes(tmp_path: Path) -> None:
     """layers + n_sizes_per_step: the 2D loss over layers 3 and 5 with 2 sizes a step."""
-    from matryoshka.text_train import train_text
+    from matryoshka.training.text import train_text
 
     common = {
         "sizes": [32, 128, 384],
@@ -135,7 +135,7 @@ def test_2d_training_with_sampled_sizes(tmp_path: Path) -> None:
     meta = json.loads((out / "text_model.json").read_text())
     assert meta["config"]["layers"] == [3, 5]
     assert meta["config"]["n_sizes_per_step"] == 2
-    from matryoshka.text import TextEncoder
+    from matryoshka.models.text_encoder import TextEncoder
 
     base, tuned = TextEncoder(), TextEncoder(str(out / "model"))
     texts = ["a domestic animal", "to run fast", "the edge of a river"]

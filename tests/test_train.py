@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from matryoshka.checkpoint import latest_checkpoint
 from matryoshka.data.images import ImageSplits
-from matryoshka.train import TrainConfig, load_model, predict_logits, random_shift, train
+from matryoshka.training.image import TrainConfig, load_model, predict_logits, random_shift, train
 
 TINY = TrainConfig(
     backbone="mlp",

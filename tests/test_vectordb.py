@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from matryoshka.adaptive import FunnelRetriever, recall_vs_reference
-from matryoshka.index import NO_SCORE, ExactIndex
-from matryoshka.vectordb import DatabaseFunnel, open_vectordb
+from matryoshka.retrieval.funnel import FunnelRetriever, recall_vs_reference
+from matryoshka.retrieval.index import NO_SCORE, ExactIndex
+from matryoshka.retrieval.vectordb import DatabaseFunnel, open_vectordb
 
 N, D, M_S = 1200, 64, 16
 
@@ -206,7 +206,7 @@ def test_pgvector_survives_server_restart(
         pytest.skip("pgserver/psycopg/pgvector not installed: pip install 'matryoshka[pgvector]'")
     import pgserver
 
-    from matryoshka.vectordb.pgvector import PgvectorFunnel
+    from matryoshka.retrieval.vectordb.pgvector import PgvectorFunnel
 
     x, q = data
     with warnings.catch_warnings():
@@ -270,7 +270,7 @@ def test_bad_arguments(opener: Opener, corpus_store: DatabaseFunnel) -> None:
 def test_unreachable_pgvector() -> None:
     if not _have("psycopg", "pgvector"):
         pytest.skip("psycopg/pgvector not installed: pip install 'matryoshka[pgvector]'")
-    from matryoshka.vectordb.pgvector import PgvectorFunnel
+    from matryoshka.retrieval.vectordb.pgvector import PgvectorFunnel
 
     url = "postgresql://mrl:secret@127.0.0.1:1/db"
     with pytest.raises(ConnectionError, match=r"cannot connect to PostgreSQL at .*mrl:\*\*\*@"):
@@ -280,7 +280,7 @@ def test_unreachable_pgvector() -> None:
 def test_unreachable_milvus(tmp_path: Path) -> None:
     if not _have("pymilvus", "milvus_lite"):
         pytest.skip("pymilvus/milvus-lite not installed: pip install 'matryoshka[milvus]'")
-    from matryoshka.vectordb.milvus import MilvusFunnel
+    from matryoshka.retrieval.vectordb.milvus import MilvusFunnel
 
     with pytest.raises(ConnectionError, match="cannot connect to Milvus at uri='http://127"):
         MilvusFunnel("http://127.0.0.1:1", "t", dim=D, shortlist_size=M_S, timeout=2)
@@ -290,7 +290,10 @@ def test_unreachable_milvus(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("module", "extra"),
-    [("pymilvus", "matryoshka.vectordb.milvus"), ("psycopg", "matryoshka.vectordb.pgvector")],
+    [
+        ("pymilvus", "matryoshka.retrieval.vectordb.milvus"),
+        ("psycopg", "matryoshka.retrieval.vectordb.pgvector"),
+    ],
 )
 def test_missing_driver_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, module: str, extra: str
@@ -307,7 +310,7 @@ def test_missing_driver_names_the_extra(
 def _cli(argv: list[str]) -> int:
     import argparse
 
-    from matryoshka.index_cli import register
+    from matryoshka.cli.retrieval import register
 
     parser = argparse.ArgumentParser(prog="mrl")
     register(parser.add_subparsers(dest="command", required=True))

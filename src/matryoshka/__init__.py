@@ -5,8 +5,8 @@ ladder is useful on its own, evaluate it per size against honest baselines, and 
 size the budget allows.
 """
 
-from matryoshka.heads import MatryoshkaHead
-from matryoshka.losses import MatryoshkaLoss, MatryoshkaLossOutput
+from matryoshka.losses.classification import MatryoshkaLoss, MatryoshkaLossOutput
+from matryoshka.models.heads import MatryoshkaHead
 from matryoshka.nesting import Nesting
 from matryoshka.ops import normalize, prefix_norms, prefix_similarities, truncate, truncate_numpy
 

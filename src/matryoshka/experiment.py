@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from matryoshka.adaptive.classify import AdaptiveClassifier, cascade_curve
+from matryoshka.cascade import AdaptiveClassifier, cascade_curve
 from matryoshka.data.images import ImageSplits, load_dataset
-from matryoshka.evaluate import (
+from matryoshka.evaluation.image import (
     POSTHOC,
     embed,
     knn1_accuracy,
@@ -27,7 +27,7 @@ from matryoshka.evaluate import (
 )
 from matryoshka.ops import truncate_numpy
 from matryoshka.report import write_report
-from matryoshka.train import TrainConfig, predict_logits, train
+from matryoshka.training.image import TrainConfig, predict_logits, train
 
 __all__ = ["ImageExperimentConfig", "run_image_experiment"]
 

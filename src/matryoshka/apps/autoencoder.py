@@ -1,7 +1,7 @@
 """Matryoshka autoencoder: a code whose every prefix reconstructs the input, and 2-D views.
 
 The decoder reads a prefix ``z[:, :m]`` as the code with its tail zeroed, so one decoder serves
-every size; the loss is :class:`~matryoshka.losses.MatryoshkaLoss` with mean squared error as
+every size; the loss is :class:`~matryoshka.losses.classification.MatryoshkaLoss` with mean squared error as
 the base loss: ``sum_l c_l * mean((decode(z ⊙ mask_l) - x)^2)``. With a linear encoder and
 decoder this recovers PCA's ordered subspaces; with hidden layers it can beat PCA at small sizes.
 
@@ -28,10 +28,10 @@ from torch import nn
 
 from matryoshka.apps.common import check_positive, config_to_dict, finish, fit, help_field
 from matryoshka.data.images import load_mnist_subset
-from matryoshka.evaluate import knn1_accuracy
-from matryoshka.losses import MatryoshkaLoss
+from matryoshka.evaluation.image import knn1_accuracy
+from matryoshka.losses.classification import MatryoshkaLoss
 from matryoshka.nesting import Nesting
-from matryoshka.train import seed_everything
+from matryoshka.training.image import seed_everything
 
 __all__ = [
     "AutoencoderConfig",

@@ -2,8 +2,8 @@
 
 :class:`DepthMatryoshka` puts an exit after chosen blocks of a :class:`~matryoshka.apps.vit.ViTBackbone`:
 exit ``e`` normalises the class token, projects it to ``d`` and feeds a
-:class:`~matryoshka.heads.MatryoshkaHead`, so every ``(layer, size)`` pair is a classifier.
-The loss sums :class:`~matryoshka.losses.MatryoshkaLoss` over exits with per-exit weights (the
+:class:`~matryoshka.models.heads.MatryoshkaHead`, so every ``(layer, size)`` pair is a classifier.
+The loss sums :class:`~matryoshka.losses.classification.MatryoshkaLoss` over exits with per-exit weights (the
 2-D Matryoshka idea applied to a vision model). At deployment, :meth:`DepthMatryoshka.forward_exit`
 runs only the first ``l`` blocks. The recipe reports accuracy per layer and size and plots it
 against the FLOPs each pair costs (counted by ``torch.utils.flop_counter``).
@@ -31,11 +31,11 @@ from matryoshka.apps.common import (
 )
 from matryoshka.apps.vit import ViTBackbone
 from matryoshka.data.images import load_mnist_subset
-from matryoshka.heads import MatryoshkaHead
-from matryoshka.losses import MatryoshkaLoss
+from matryoshka.losses.classification import MatryoshkaLoss
+from matryoshka.models.heads import MatryoshkaHead
 from matryoshka.nesting import Nesting
 from matryoshka.report import line_axes, save_line_plot
-from matryoshka.train import seed_everything
+from matryoshka.training.image import seed_everything
 
 __all__ = ["DepthConfig", "DepthMatryoshka", "depth_loss", "plot_quality_vs_compute", "run_depth"]
 

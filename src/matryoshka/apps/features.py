@@ -3,7 +3,7 @@
 * :class:`MultiLevelFeatures` wraps any backbone and also returns the pooled outputs of named
   inner modules (several stages of a ResNet, say): ``(B, ...) -> (B, D_1 + ... + D_k)``.
 * :class:`MatryoshkaProjection` puts a trainable linear map ``D -> d`` on top of a frozen
-  extractor; trained with a :class:`~matryoshka.heads.MatryoshkaHead`, its output is nested, so a
+  extractor; trained with a :class:`~matryoshka.models.heads.MatryoshkaHead`, its output is nested, so a
   pretrained model that was never trained for it yields features at any size.
 * :func:`embed_images` extracts nested features of an image split from a model saved by
   ``mrl train`` (``mrl embed-images``).
@@ -35,11 +35,11 @@ from matryoshka.apps.common import (
     load_digits_images,
     make_nesting,
 )
-from matryoshka.evaluate import linear_probe, posthoc_reduce
-from matryoshka.heads import MatryoshkaHead
-from matryoshka.losses import MatryoshkaLoss
+from matryoshka.evaluation.image import linear_probe, posthoc_reduce
+from matryoshka.losses.classification import MatryoshkaLoss
+from matryoshka.models.heads import MatryoshkaHead
 from matryoshka.ops import truncate
-from matryoshka.train import seed_everything
+from matryoshka.training.image import seed_everything
 
 __all__ = [
     "FeaturesConfig",
@@ -119,7 +119,7 @@ class MatryoshkaProjection(nn.Module):
     """``extractor`` (frozen unless ``trainable``) followed by a linear map to ``embed_dim``.
 
     ``in_features`` is the extractor's output width. ``forward(x) -> (B, embed_dim)``; use it as
-    the backbone of a :class:`~matryoshka.models.MatryoshkaClassifier`, or call
+    the backbone of a :class:`~matryoshka.models.classifier.MatryoshkaClassifier`, or call
     :meth:`project` on cached features.
     """
 
@@ -163,7 +163,7 @@ def embed_images(
     ``y (N,)`` the labels.
     """
     from matryoshka.data.images import load_dataset
-    from matryoshka.train import load_model
+    from matryoshka.training.image import load_model
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"split={split!r} must be 'train', 'val' or 'test'.")
@@ -215,7 +215,7 @@ def _minilm_levels(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(N, len(layers) * 384)`` concatenated pooled layers, ``(N, 384)`` MiniLM's embeddings
     (its last layer, mean-pooled, not normalised)."""
-    from matryoshka.text import TextEncoder
+    from matryoshka.models.text_encoder import TextEncoder
 
     enc = TextEncoder()
     enc.model.eval()

@@ -38,12 +38,12 @@ from matryoshka.backbones import create_backbone
 from matryoshka.backbones.mlp import MLP
 from matryoshka.data.images import load_mnist_subset
 from matryoshka.data.wordnet import LEXNAMES, POS_NAMES, Synset
-from matryoshka.evaluate import embed
-from matryoshka.heads import MatryoshkaHead
-from matryoshka.losses import MatryoshkaLoss
-from matryoshka.models import backbone_dim
+from matryoshka.evaluation.image import embed
+from matryoshka.losses.classification import MatryoshkaLoss
+from matryoshka.models.classifier import backbone_dim
+from matryoshka.models.heads import MatryoshkaHead
 from matryoshka.nesting import Nesting
-from matryoshka.train import seed_everything
+from matryoshka.training.image import seed_everything
 
 __all__ = [
     "DATASETS",
@@ -256,7 +256,7 @@ def wordnet_task_data(
     (``D = 384`` for the default all-MiniLM-L6-v2).
     """
     from matryoshka.data.wordnet import load_synsets, split_synsets
-    from matryoshka.text import TextEncoder, encode_cached
+    from matryoshka.models.text_encoder import TextEncoder, encode_cached
 
     if not 0.0 < fraction <= 1.0:
         raise ValueError(

@@ -1,7 +1,7 @@
 """Reinforcement learning with a Matryoshka state encoder: PPO on CartPole-v1.
 
 The actor-critic has a Matryoshka state encoder ``obs -> z in R^d`` read by a policy
-:class:`~matryoshka.heads.MatryoshkaHead` (action logits), and a value ``MatryoshkaHead``; the
+:class:`~matryoshka.models.heads.MatryoshkaHead` (action logits), and a value ``MatryoshkaHead``; the
 size-``m`` heads read only ``z[:, :m]``, so every prefix is its own policy and value function.
 By default the critic has its own Matryoshka encoder (``shared_encoder=False``): with one shared
 encoder the value regression competes with the policy for the first coordinates, and in a trial
@@ -42,9 +42,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from matryoshka.apps.common import check_positive, config_to_dict, finish, help_field, make_nesting
-from matryoshka.heads import MatryoshkaHead
+from matryoshka.models.heads import MatryoshkaHead
 from matryoshka.nesting import Nesting
-from matryoshka.train import seed_everything
+from matryoshka.training.image import seed_everything
 
 __all__ = [
     "MatryoshkaActorCritic",

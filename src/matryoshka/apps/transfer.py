@@ -1,7 +1,7 @@
 """Transfer learning: reuse a trained Matryoshka backbone on a new task, at any size.
 
 ``mode="frozen"`` keeps the backbone fixed (no gradients, BatchNorm statistics untouched) and fits
-a new :class:`~matryoshka.heads.MatryoshkaHead` on its cached features: one independent head per
+a new :class:`~matryoshka.models.heads.MatryoshkaHead` on its cached features: one independent head per
 size, so the new task can be served at whichever prefix the budget allows.
 ``mode="finetune"`` trains backbone and new head together.
 
@@ -31,11 +31,11 @@ from matryoshka.apps.common import (
     select_classes,
 )
 from matryoshka.data.images import ImageSplits, load_mnist_subset
-from matryoshka.evaluate import embed
-from matryoshka.losses import MatryoshkaLoss
-from matryoshka.models import MatryoshkaClassifier
+from matryoshka.evaluation.image import embed
+from matryoshka.losses.classification import MatryoshkaLoss
+from matryoshka.models.classifier import MatryoshkaClassifier
 from matryoshka.nesting import Nesting
-from matryoshka.train import TrainConfig, predict_logits, seed_everything, train
+from matryoshka.training.image import TrainConfig, predict_logits, seed_everything, train
 
 __all__ = [
     "MODES",

@@ -4,7 +4,7 @@
 Images are cut into ``patch_size``-square patches, linearly embedded, prefixed with a learned
 class token, given learned position embeddings and passed through pre-norm transformer encoder
 blocks; the class token after the last block is normalised and projected to ``embed_dim``.
-The recipe trains it with the same MRL loop as the CNN (:func:`matryoshka.train.train`).
+The recipe trains it with the same MRL loop as the CNN (:func:`matryoshka.training.image.train`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 from matryoshka.apps.common import check_positive, config_to_dict, finish, help_field
 from matryoshka.backbones.vit import ViTBackbone, vit_tiny
 from matryoshka.data.images import load_mnist_subset
-from matryoshka.evaluate import embed, linear_probe
-from matryoshka.train import TrainConfig, predict_logits, train
+from matryoshka.evaluation.image import embed, linear_probe
+from matryoshka.training.image import TrainConfig, predict_logits, train
 
 __all__ = ["ViTBackbone", "ViTConfig", "run_vit", "vit_tiny"]
 

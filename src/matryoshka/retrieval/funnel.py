@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from matryoshka.index import NO_SCORE, ExactIndex, VectorIndex, make_index
 from matryoshka.ops import truncate_numpy
+from matryoshka.retrieval.index import NO_SCORE, ExactIndex, VectorIndex, make_index
 
-__all__ = ["FunnelRetriever", "FunnelTuner", "open_corpus", "recall_vs_reference"]
+__all__ = ["FunnelRetriever", "FunnelTuner", "check_chain", "open_corpus", "recall_vs_reference"]
 
 
 def open_corpus(corpus: np.ndarray | str | os.PathLike[str]) -> np.ndarray:
@@ -66,7 +66,9 @@ def recall_vs_reference(ids: np.ndarray, reference: np.ndarray) -> float:
     return float(np.mean(hits) / reference.shape[1])
 
 
-def _check_chain(rerank: Sequence[int], dim: int, name: str = "rerank") -> tuple[int, ...]:
+def check_chain(rerank: Sequence[int], dim: int, name: str = "rerank") -> tuple[int, ...]:
+    """The rerank chain as a tuple of strictly increasing sizes in ``[1, dim]``; a clear error
+    naming ``name`` otherwise."""
     chain = tuple(int(m) for m in rerank)
     if not chain:
         raise ValueError(f"{name}=() is empty: give at least one rerank size, e.g. ({dim},).")
@@ -89,7 +91,7 @@ class FunnelRetriever:
         keep: candidates kept after each stage but the last (``len(rerank) - 1`` counts,
             decreasing, between ``k`` and ``k'``); ``None`` interpolates geometrically from ``k'``
             to ``k``.
-        backend: index backend for the shortlist (see :func:`matryoshka.index.make_index`).
+        backend: index backend for the shortlist (see :func:`matryoshka.retrieval.index.make_index`).
         index_params: extra backend parameters (e.g. ``{"ef_search": 256}``).
         index: a prebuilt index over the corpus' size-``m_s`` prefixes to use instead of building
             one (its size, normalisation and count are checked by ``fit``).
@@ -142,7 +144,7 @@ class FunnelRetriever:
             raise ValueError(f"shortlist_k={self.shortlist_k!r} must be a positive int.")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size!r} must be a positive int.")
-        chain = _check_chain(self.rerank if self.rerank is not None else (d,), d)
+        chain = check_chain(self.rerank if self.rerank is not None else (d,), d)
         if self.keep is not None and len(self.keep) != len(chain) - 1:
             raise ValueError(
                 f"keep={list(self.keep)} has {len(self.keep)} counts but rerank={list(chain)} has "

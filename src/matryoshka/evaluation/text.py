@@ -1,10 +1,10 @@
 """Per-size evaluation of text embeddings on WordNet: retrieval baselines and a linear probe.
 
-    python -m matryoshka.text_eval [--out results/text_wordnet] [--train-pairs 8000]
+    python -m matryoshka.evaluation.text [--out results/text_wordnet] [--train-pairs 8000]
 
 Retrieval (definition -> lemmas on held-out synsets): nDCG@10, recall@10, recall@100 and
 MRR@10 per prefix size for the base model truncated, base + PCA (uncentred, fitted on training
-embeddings), base + :class:`~matryoshka.adaptor.MatryoshkaAdaptor` fitted on the training
+embeddings), base + :class:`~matryoshka.models.adaptor.MatryoshkaAdaptor` fitted on the training
 embeddings (unsupervised), the same adaptor also trained on the training (definition, lemmas)
 pairs (supervised), MiniLM fine-tuned with the fused Matryoshka loss, and fine-tuned with plain
 InfoNCE (full size only) and then truncated. Classification: a logistic-regression probe per
@@ -31,8 +31,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from matryoshka.adaptor import MatryoshkaAdaptor
-from matryoshka.contrastive import Matryoshka2dContrastiveLoss, MatryoshkaContrastiveLoss
 from matryoshka.data.wordnet import (
     RetrievalTask,
     Synset,
@@ -43,10 +41,12 @@ from matryoshka.data.wordnet import (
     load_synsets,
     split_synsets,
 )
-from matryoshka.metrics import accuracy, mrr_at_k, ndcg_at_k, recall_at_k, top_k_indices
+from matryoshka.evaluation.metrics import accuracy, mrr_at_k, ndcg_at_k, recall_at_k, top_k_indices
+from matryoshka.losses.contrastive import Matryoshka2dContrastiveLoss, MatryoshkaContrastiveLoss
+from matryoshka.models.adaptor import MatryoshkaAdaptor
+from matryoshka.models.text_encoder import TextEncoder, encode_cached
 from matryoshka.nesting import Nesting
 from matryoshka.ops import truncate_numpy
-from matryoshka.text import TextEncoder, encode_cached
 
 __all__ = [
     "finetune",
@@ -106,7 +106,7 @@ def finetune(
     the same InfoNCE at the full size only (a plain model, truncated later). Returns the copy.
     ``n_sizes_per_step``: train a random subset of that many sizes each step (seeded).
     ``layers``: the 2D variant, prefix of layers x prefix of dims
-    (:class:`~matryoshka.contrastive.Matryoshka2dContrastiveLoss` on the mean-pooled output of
+    (:class:`~matryoshka.losses.contrastive.Matryoshka2dContrastiveLoss` on the mean-pooled output of
     those layers, 0-based; the last entry must be the model's last layer).
     """
     if len(anchors) != len(positives) or len(anchors) < 2:

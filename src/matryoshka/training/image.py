@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from matryoshka.backbones import create_backbone, list_backbones
 from matryoshka.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from matryoshka.data.images import DATASETS, ImageSplits, load_dataset
-from matryoshka.losses import MatryoshkaLoss
-from matryoshka.models import MatryoshkaClassifier
+from matryoshka.losses.classification import MatryoshkaLoss
+from matryoshka.models.classifier import MatryoshkaClassifier
 from matryoshka.nesting import Nesting
 
 __all__ = [

@@ -77,7 +77,7 @@ def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` largest scores per row, best first: ``(Q, N) -> (Q, k)``.
 
     Ties are broken by the lower index, so results are deterministic. A full stable sort per row:
-    meant for evaluation-sized candidate sets; large corpora go through :mod:`matryoshka.index`.
+    meant for evaluation-sized candidate sets; large corpora go through :mod:`matryoshka.retrieval.index`.
     """
     if not 1 <= k <= scores.shape[1]:
         raise ValueError(f"k={k} must be in [1, {scores.shape[1]}] (the number of candidates).")

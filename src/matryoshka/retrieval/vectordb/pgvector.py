@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from matryoshka.vectordb import DatabaseFunnel, check_name
+from matryoshka.retrieval.vectordb import DatabaseFunnel, check_name
 
 __all__ = ["PgvectorFunnel"]
 
@@ -56,7 +56,7 @@ class PgvectorFunnel(DatabaseFunnel):
         url: a libpq URL, e.g. ``postgresql://user:pass@host:5432/db``.
         table: table name (letters, digits, underscores).
         dim, shortlist_size, model_name, normalize, shortlist_k, rerank, ef_search, batch_size,
-            progress: see :class:`matryoshka.vectordb.DatabaseFunnel`.
+            progress: see :class:`matryoshka.retrieval.vectordb.DatabaseFunnel`.
         hnsw_m, ef_construction: HNSW build parameters (``m``, ``ef_construction``), new tables.
         connect_timeout: seconds to wait for the server.
 

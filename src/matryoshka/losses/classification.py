@@ -29,7 +29,7 @@ class MatryoshkaLoss(nn.Module):
             cross-entropy (computed for all sizes in one fused call).
         nesting: the ladder; its weights are the ``c_l``.
 
-    Call it with the ``(L, B, C)`` output of a :class:`~matryoshka.heads.MatryoshkaHead` and the
+    Call it with the ``(L, B, C)`` output of a :class:`~matryoshka.models.heads.MatryoshkaHead` and the
     targets ``(B,)``; it returns a :class:`MatryoshkaLossOutput` ``(loss, per_size)``.
     """
 

@@ -1,6 +1,6 @@
 """The ``mrl`` command line: ``mrl train | eval | demo | report`` (+ commands other modules add).
 
-Training flags are generated from :class:`~matryoshka.train.TrainConfig`'s fields (help text
+Training flags are generated from :class:`~matryoshka.training.image.TrainConfig`'s fields (help text
 included), so the CLI, the YAML recipes and the Python API never drift apart.
 """
 
@@ -19,10 +19,10 @@ __all__ = ["add_dataclass_arguments", "build_parser", "main"]
 
 # Modules that add their own subcommands with a `register(subparsers)` function, if installed.
 _PLUGINS = (
-    "matryoshka.index_cli",
-    "matryoshka.text_cli",
-    "matryoshka.serve_cli",
-    "matryoshka.apps.cli",
+    "matryoshka.cli.retrieval",
+    "matryoshka.cli.text",
+    "matryoshka.cli.serve",
+    "matryoshka.cli.apps",
 )
 
 
@@ -77,7 +77,7 @@ def _load_yaml(path: str | None) -> dict[str, Any]:
 
 def _train_config(data: dict[str, Any], args: argparse.Namespace) -> Any:
     """An image recipe's mapping with the flags given on the command line applied."""
-    from matryoshka.train import TrainConfig
+    from matryoshka.training.image import TrainConfig
 
     data.update(_overrides(args, TrainConfig))
     try:
@@ -88,8 +88,8 @@ def _train_config(data: dict[str, Any], args: argparse.Namespace) -> Any:
 
 def _text_train_config(data: dict[str, Any], args: argparse.Namespace) -> Any:
     """A ``task: text`` recipe: the flags that both configs share override its keys."""
-    from matryoshka.text_train import TextTrainConfig
-    from matryoshka.train import TrainConfig
+    from matryoshka.training.image import TrainConfig
+    from matryoshka.training.text import TextTrainConfig
 
     shared = {f.name for f in dataclasses.fields(TextTrainConfig)}
     data.update({k: v for k, v in _overrides(args, TrainConfig).items() if k in shared})
@@ -111,11 +111,11 @@ def _print_text_tables(results: dict[str, Any]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``mrl train``: one run from a YAML recipe and/or flags (``task: text``: a text model)."""
-    from matryoshka.train import train
+    from matryoshka.training.image import train
 
     data = _load_yaml(args.config)
     if data.get("task") == "text":
-        from matryoshka.text_train import train_text
+        from matryoshka.training.text import train_text
 
         folder = train_text(_text_train_config(data, args))
         print(f"saved {folder / 'model'}; evaluate it with: mrl eval --model {folder}")
@@ -131,8 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``mrl eval``: top-1 per size of a saved model on its data set's test split, or per-size
     retrieval of a text run (a folder with ``text_model.json``) on its held-out synsets."""
     from matryoshka.data.images import load_dataset
-    from matryoshka.text_train import evaluate_text_model, is_text_run
-    from matryoshka.train import TrainConfig, load_model, predict_logits
+    from matryoshka.training.image import TrainConfig, load_model, predict_logits
+    from matryoshka.training.text import evaluate_text_model, is_text_run
 
     if is_text_run(args.model):
         results = evaluate_text_model(args.model)
@@ -156,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``mrl demo``: the whole image path on the bundled MNIST subset."""
     from matryoshka.experiment import ImageExperimentConfig, run_image_experiment
-    from matryoshka.train import TrainConfig
+    from matryoshka.training.image import TrainConfig
 
     train_cfg = TrainConfig(
         embed_dim=128, nesting_start=2, epochs=args.epochs, seed=args.seed, progress=not args.quiet
@@ -187,7 +187,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mrl`` parser with every subcommand."""
-    from matryoshka.train import TrainConfig
+    from matryoshka.training.image import TrainConfig
 
     parser = argparse.ArgumentParser(prog="mrl", description="Matryoshka Representation Learning")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -22,7 +22,7 @@ Unsupervised loss, per prefix size ``m`` (weights from the nesting), on batches 
 On WordNet (MiniLM, 20k training synsets) the listwise term is what lifts the unsupervised
 adaptor above PCA at 8 and 16 dims (nDCG@10 11.1 vs 6.6 at 8 dims; pairwise + top-k alone
 stayed below PCA there). Optional supervised mode: ``fit(embeddings, queries=q, documents=d)`` adds the fused
-Matryoshka InfoNCE on the pairs (:class:`matryoshka.contrastive.MatryoshkaContrastiveLoss`).
+Matryoshka InfoNCE on the pairs (:class:`matryoshka.losses.contrastive.MatryoshkaContrastiveLoss`).
 
 Saved as safetensors (weights) + JSON (parameters); no pickle.
 """
@@ -40,8 +40,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 from tqdm.auto import tqdm
 
-from matryoshka.contrastive import MatryoshkaContrastiveLoss
 from matryoshka.io import atomic_write_bytes
+from matryoshka.losses.contrastive import MatryoshkaContrastiveLoss
 from matryoshka.nesting import Nesting
 from matryoshka.ops import normalize, prefix_similarities, truncate_numpy
 

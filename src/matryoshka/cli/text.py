@@ -51,7 +51,7 @@ import numpy as np
 
 from matryoshka.cli import add_dataclass_arguments
 from matryoshka.io import atomic_write_bytes
-from matryoshka.text_train import WordnetTextOptions, check_text_options, config_from_dict
+from matryoshka.training.text import WordnetTextOptions, check_text_options, config_from_dict
 
 __all__ = [
     "WORDNET_FIELDS",
@@ -83,7 +83,7 @@ def _fail(message: str) -> int:
 
 @dataclass
 class TextEvalConfig(WordnetTextOptions):
-    """Options of the WordNet text evaluation (:func:`matryoshka.text_eval.run_wordnet_evaluation`).
+    """Options of the WordNet text evaluation (:func:`matryoshka.evaluation.text.run_wordnet_evaluation`).
 
     Validated on construction; :meth:`from_dict` reads a YAML recipe's mapping.
     """
@@ -187,7 +187,7 @@ def _encode(
     args: argparse.Namespace, texts: list[str], label: str, encoder: Any, batch_size: int = 64
 ) -> np.ndarray:
     """Full-size unit-norm embeddings ``(N, d)``, through the on-disk cache unless disabled."""
-    from matryoshka.text import encode_cached
+    from matryoshka.models.text_encoder import encode_cached
 
     if args.no_cache:
         out: np.ndarray = encoder.encode(texts, batch_size=batch_size, progress=not args.quiet)
@@ -341,9 +341,9 @@ def _write_shard(
 def cmd_embed(args: argparse.Namespace) -> int:
     """``mrl embed``: texts -> ``(N, dim)`` float32 ``.npy`` + JSON sidecar; returns 0, or 2
     with a message on stderr for bad input."""
-    from matryoshka.adaptor import MatryoshkaAdaptor
+    from matryoshka.models.adaptor import MatryoshkaAdaptor
+    from matryoshka.models.text_encoder import TextEncoder
     from matryoshka.ops import truncate_numpy
-    from matryoshka.text import TextEncoder
 
     try:
         _check_source(args)
@@ -649,9 +649,9 @@ def _load_pairs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray] | Non
 
 
 def cmd_adaptor_fit(args: argparse.Namespace) -> int:
-    """``mrl adaptor fit``: fit a :class:`~matryoshka.adaptor.MatryoshkaAdaptor` on cached or
+    """``mrl adaptor fit``: fit a :class:`~matryoshka.models.adaptor.MatryoshkaAdaptor` on cached or
     given embeddings ``(N, d)`` and save it (safetensors + JSON); returns 0, or 2 on bad input."""
-    from matryoshka.adaptor import MatryoshkaAdaptor
+    from matryoshka.models.adaptor import MatryoshkaAdaptor
     from matryoshka.nesting import Nesting
 
     try:
@@ -664,7 +664,7 @@ def cmd_adaptor_fit(args: argparse.Namespace) -> int:
             x = _load_embeddings(args.embeddings)
             source = str(args.embeddings)
         else:
-            from matryoshka.text import TextEncoder
+            from matryoshka.models.text_encoder import TextEncoder
 
             texts, source = _source_texts(args)
             encoder = TextEncoder(args.model)
@@ -733,7 +733,7 @@ def _text_eval_config(args: argparse.Namespace) -> TextEvalConfig:
 
 def cmd_text_eval(args: argparse.Namespace) -> int:
     """``mrl text-eval``: the per-size WordNet evaluation; writes results.json + report."""
-    from matryoshka.text_eval import format_tables, run_wordnet_evaluation
+    from matryoshka.evaluation.text import format_tables, run_wordnet_evaluation
 
     try:
         config = _text_eval_config(args)

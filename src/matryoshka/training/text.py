@@ -4,7 +4,7 @@
     mrl eval --model runs/text_mrl                            # per-size retrieval on held-out synsets
 
 Training pairs are WordNet (definition, lemmas) pairs from a seeded share of the synsets; the
-loss is the fused :class:`~matryoshka.contrastive.MatryoshkaContrastiveLoss` over every size of
+loss is the fused :class:`~matryoshka.losses.contrastive.MatryoshkaContrastiveLoss` over every size of
 the nesting (``matryoshka: false`` trains plain InfoNCE at the full size only, the baseline that
 is truncated afterwards). The run folder holds ``model/`` (a sentence-transformers model folder,
 loadable with ``SentenceTransformer(path)`` or ``TextEncoder(path)``) and ``text_model.json``
@@ -47,7 +47,7 @@ _FORMAT = "matryoshka.text_model/1"
 @dataclass
 class WordnetTextOptions:
     """The options every WordNet text recipe shares: sizes, the seeded split, the pairs, the
-    cache. :class:`TextTrainConfig` and :class:`matryoshka.text_cli.TextEvalConfig` extend it."""
+    cache. :class:`TextTrainConfig` and :class:`matryoshka.cli.text.TextEvalConfig` extend it."""
 
     sizes: list[int] = field(
         default_factory=lambda: [8, 16, 32, 64, 128, 256, 384],
@@ -194,7 +194,7 @@ def config_from_dict(cls: type[_C], data: dict[str, Any], what: str) -> _C:
 
 def _split(config: TextTrainConfig) -> tuple[list[Any], list[Any]]:
     from matryoshka.data.wordnet import load_synsets
-    from matryoshka.text_eval import wordnet_split
+    from matryoshka.evaluation.text import wordnet_split
 
     synsets = load_synsets(config.wordnet_root)
     return wordnet_split(synsets, config.seed, config.train_fraction, config.test_fraction)
@@ -202,9 +202,9 @@ def _split(config: TextTrainConfig) -> tuple[list[Any], list[Any]]:
 
 def train_text(config: TextTrainConfig) -> Path:
     """Fine-tune, save ``out_dir/model`` and ``out_dir/text_model.json``; returns the folder."""
+    from matryoshka.evaluation.text import finetune
+    from matryoshka.models.text_encoder import TextEncoder
     from matryoshka.nesting import Nesting
-    from matryoshka.text import TextEncoder
-    from matryoshka.text_eval import finetune
 
     t0 = time.time()
     base = TextEncoder(config.model)
@@ -263,9 +263,9 @@ def evaluate_text_model(
     the same layer (``"base, exit after ..."``).
     """
     from matryoshka.data.wordnet import definition_to_lemmas
+    from matryoshka.evaluation.text import retrieval_metrics
+    from matryoshka.models.text_encoder import TextEncoder, encode_cached
     from matryoshka.ops import truncate_numpy
-    from matryoshka.text import TextEncoder, encode_cached
-    from matryoshka.text_eval import retrieval_metrics
 
     p = Path(path)
     folder = p.parent if p.name == TEXT_MODEL_FILE else p
@@ -278,7 +278,7 @@ def evaluate_text_model(
     if meta.get("format") != _FORMAT:
         raise ValueError(
             f"{folder / TEXT_MODEL_FILE} has format={meta.get('format')!r}, not {_FORMAT!r}: "
-            "it was not written by matryoshka.text_train."
+            "it was not written by matryoshka.training.text."
         )
     config = TextTrainConfig.from_dict(meta["config"])
     cache = Path(cache_dir if cache_dir is not None else config.cache_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from matryoshka.heads import MatryoshkaHead
+from matryoshka.models.heads import MatryoshkaHead
 from matryoshka.nesting import Nesting
 from matryoshka.ops import truncate
 

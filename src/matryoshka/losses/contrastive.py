@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from matryoshka.losses import MatryoshkaLossOutput
+from matryoshka.losses.classification import MatryoshkaLossOutput
 from matryoshka.nesting import Nesting
 
 __all__ = ["Matryoshka2dContrastiveLoss", "MatryoshkaContrastiveLoss"]
@@ -279,7 +279,7 @@ class MatryoshkaContrastiveLoss(nn.Module):
 
     ``forward(q, k)`` with ``q (B, d)`` and ``k (N, d)``, ``N >= B``, row ``i`` of ``k`` the
     positive of query ``i`` and rows ``B..N-1`` extra (hard) negatives, returns a
-    :class:`~matryoshka.losses.MatryoshkaLossOutput`: the weighted sum (scalar, differentiable)
+    :class:`~matryoshka.losses.classification.MatryoshkaLossOutput`: the weighted sum (scalar, differentiable)
     and ``(L,)`` weighted per-size values (detached; 0 for sizes not sampled this step).
 
     The gradients are computed during the forward call whenever grad mode is on and ``q`` or
@@ -380,7 +380,7 @@ class Matryoshka2dContrastiveLoss(nn.Module):
         temperature, symmetric, n_sizes_per_step: as in :class:`MatryoshkaContrastiveLoss`.
 
     ``forward(q_layers, k_layers)`` takes ``(n_layers, B, d)`` and ``(n_layers, N, d)`` (e.g.
-    :meth:`matryoshka.text.TextEncoder.forward_layers`) and returns ``(scalar, (len(layers), L))``.
+    :meth:`matryoshka.models.text_encoder.TextEncoder.forward_layers`) and returns ``(scalar, (len(layers), L))``.
     """
 
     def __init__(

@@ -80,7 +80,7 @@ class ServeConfig:
         model: sentence-transformers model name or path; ``None`` is the bundled MiniLM.
         model_name: the id clients pass as ``model`` (default: the model's name).
         aliases: further ids accepted as ``model``.
-        adaptor: path of a saved :class:`~matryoshka.adaptor.MatryoshkaAdaptor` making the
+        adaptor: path of a saved :class:`~matryoshka.models.adaptor.MatryoshkaAdaptor` making the
             model's prefixes good; without one, sizes are plain truncations of the model's output.
         corpus: ``(N, d)`` ``.npy`` corpus embeddings (in the served space: adapted if an adaptor
             is used) for ``/v1/search``.
@@ -602,7 +602,7 @@ class SearchEngine:
         model_name: str = "unknown",
         tune_queries: int = 200,
     ) -> None:
-        from matryoshka.adaptive.retrieve import open_corpus
+        from matryoshka.retrieval.funnel import open_corpus
 
         self.corpus = open_corpus(corpus)
         self.n, self.dim = (int(s) for s in self.corpus.shape)
@@ -616,7 +616,7 @@ class SearchEngine:
         self._tuned: dict[tuple[float, int], tuple[Any, float]] = {}
 
     def _index(self, m: int) -> Any:
-        from matryoshka.index import ExactIndex
+        from matryoshka.retrieval.index import ExactIndex
 
         with self._lock:
             idx = self._indexes.get(m)
@@ -630,7 +630,7 @@ class SearchEngine:
         return idx
 
     def _retriever(self, m_s: int, k_prime: int, chain: tuple[int, ...]) -> Any:
-        from matryoshka.adaptive.retrieve import FunnelRetriever
+        from matryoshka.retrieval.funnel import FunnelRetriever
 
         key = (m_s, k_prime, chain)
         with self._lock:
@@ -720,7 +720,7 @@ class SearchEngine:
     def _tune(self, target: float, k: int) -> tuple[Any, float]:
         import warnings
 
-        from matryoshka.adaptive.retrieve import FunnelTuner
+        from matryoshka.retrieval.funnel import FunnelTuner
 
         rng = np.random.default_rng(0)
         rows = np.sort(rng.choice(self.n, size=min(self.tune_queries, self.n), replace=False))
@@ -801,15 +801,15 @@ def create_app(
 ) -> FastAPI:
     """Build the FastAPI app for ``config``.
 
-    ``encoder`` (a :class:`~matryoshka.text.TextEncoder`), ``adaptor``, ``corpus`` (``(N, d)``)
+    ``encoder`` (a :class:`~matryoshka.models.text_encoder.TextEncoder`), ``adaptor``, ``corpus`` (``(N, d)``)
     and ``index`` may be passed already loaded; otherwise they are loaded from ``config``.
     """
-    from matryoshka.text import DEFAULT_MODEL, TextEncoder
+    from matryoshka.models.text_encoder import DEFAULT_MODEL, TextEncoder
 
     if encoder is None:
         encoder = TextEncoder(config.model, device=config.device)
     if adaptor is None and config.adaptor is not None:
-        from matryoshka.adaptor import MatryoshkaAdaptor
+        from matryoshka.models.adaptor import MatryoshkaAdaptor
 
         adaptor = MatryoshkaAdaptor.load(config.adaptor)
     enc = _Encoder(encoder, adaptor, config.max_batch_size)
@@ -830,11 +830,11 @@ def create_app(
         accepted.add(config.model)
 
     if index is None and config.index is not None:
-        from matryoshka.index import load_index
+        from matryoshka.retrieval.index import load_index
 
         index = load_index(config.index)
     if corpus is None and config.corpus is not None:
-        from matryoshka.adaptive.retrieve import open_corpus
+        from matryoshka.retrieval.funnel import open_corpus
 
         corpus = open_corpus(config.corpus)
     if corpus is None and index is not None and getattr(index, "dim", None) == dim:

@@ -49,7 +49,7 @@ def _import_sentence_transformers() -> Any:
         import sentence_transformers
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            f"matryoshka.text needs sentence-transformers: install it with `{_EXTRA}`."
+            f"matryoshka.models.text_encoder needs sentence-transformers: install it with `{_EXTRA}`."
         ) from e
     return sentence_transformers
 

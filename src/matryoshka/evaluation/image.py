@@ -23,7 +23,7 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from matryoshka.metrics import (
+from matryoshka.evaluation.metrics import (
     accuracy,
     average_precision_at_k,
     relevance_from_labels,
@@ -47,7 +47,7 @@ POSTHOC = ("truncation", "pca", "random-projection")
 def embed(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """Full-size embeddings of ``x`` in eval mode: ``(N, ...) -> (N, d)`` float32.
 
-    ``model`` is a :class:`~matryoshka.models.MatryoshkaClassifier` (its ``forward_features``) or
+    ``model`` is a :class:`~matryoshka.models.classifier.MatryoshkaClassifier` (its ``forward_features``) or
     any feature extractor.
     """
     model.eval()

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from matryoshka.heads import MatryoshkaHead
+from matryoshka.models.heads import MatryoshkaHead
 from matryoshka.nesting import Nesting
 
 __all__ = [

@@ -9,7 +9,7 @@
     mrl search --index corpus-64.index --interactive   # one vector per stdin line
     mrl bench retrieval --encoder static --pca        # runs benchmarks/retrieval.py
 
-Vector databases (the funnel runs inside them; see :mod:`matryoshka.vectordb`):
+Vector databases (the funnel runs inside them; see :mod:`matryoshka.retrieval.vectordb`):
 
     mrl index build corpus.npy --backend milvus --uri ./corpus.db --collection wordnet --dim 64
     mrl index build corpus.npy --backend pgvector --uri postgresql://u:p@host/db --dim 64
@@ -30,9 +30,12 @@ from typing import Any, TextIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from matryoshka.index import BACKENDS, load_index, make_index
+from matryoshka.retrieval.index import BACKENDS, load_index, make_index
 
-DB_BACKENDS = ("milvus", "pgvector")  # funnel stores in vector databases (matryoshka.vectordb)
+DB_BACKENDS = (
+    "milvus",
+    "pgvector",
+)  # funnel stores in vector databases (matryoshka.retrieval.vectordb)
 
 __all__ = ["cmd_bench_retrieval", "cmd_index_build", "cmd_search", "register"]
 
@@ -54,7 +57,7 @@ def _load_npy(path: str, name: str, mmap: bool = False) -> np.ndarray:
 
 def _db_open(args: argparse.Namespace, **kwargs: Any) -> Any:
     """Open the ``--backend milvus|pgvector`` store named by ``--uri`` and ``--collection``."""
-    from matryoshka.vectordb import open_vectordb
+    from matryoshka.retrieval.vectordb import open_vectordb
 
     if not args.uri:
         raise ValueError(
@@ -147,7 +150,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             index = load_index(args.index, model_name=args.model_name)
             search = index.search
         if args.funnel_corpus and args.backend not in DB_BACKENDS:
-            from matryoshka.adaptive.retrieve import FunnelRetriever
+            from matryoshka.retrieval.funnel import FunnelRetriever
 
             rerank = tuple(args.rerank) if args.rerank else None
             fr = FunnelRetriever(

@@ -2,7 +2,7 @@
 
 Each backend stores, per item, an ``int64`` id, the unit-normalised short prefix ``z[:m_s]`` under
 the database's ANN index (HNSW), and the full vector ``z`` (as given) for the rerank. ``search(queries,
-k)`` runs the funnel of :class:`matryoshka.adaptive.FunnelRetriever`: shortlist ``k'`` items by
+k)`` runs the funnel of :class:`matryoshka.retrieval.funnel.FunnelRetriever`: shortlist ``k'`` items by
 the short prefix, rescore them with a chain of longer prefixes ``m_1 < ... <= d`` (each stage
 keeping fewer), and return ``(scores, ids)``, both ``(Q, k)``, in FAISS conventions (``-1`` and
 ``NO_SCORE`` where fewer than ``k`` items exist).
@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from matryoshka.adaptive.retrieve import _check_chain
-from matryoshka.index import NO_SCORE
 from matryoshka.ops import truncate_numpy
+from matryoshka.retrieval.funnel import check_chain
+from matryoshka.retrieval.index import NO_SCORE
 
 if TYPE_CHECKING:
-    from matryoshka.vectordb.milvus import MilvusFunnel
-    from matryoshka.vectordb.pgvector import PgvectorFunnel
+    from matryoshka.retrieval.vectordb.milvus import MilvusFunnel
+    from matryoshka.retrieval.vectordb.pgvector import PgvectorFunnel
 
 __all__ = ["DatabaseFunnel", "MilvusFunnel", "PgvectorFunnel", "open_vectordb"]
 
@@ -43,24 +43,24 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 def __getattr__(name: str) -> Any:
     if name == "MilvusFunnel":
-        from matryoshka.vectordb.milvus import MilvusFunnel
+        from matryoshka.retrieval.vectordb.milvus import MilvusFunnel
 
         return MilvusFunnel
     if name == "PgvectorFunnel":
-        from matryoshka.vectordb.pgvector import PgvectorFunnel
+        from matryoshka.retrieval.vectordb.pgvector import PgvectorFunnel
 
         return PgvectorFunnel
-    raise AttributeError(f"module 'matryoshka.vectordb' has no attribute {name!r}")
+    raise AttributeError(f"module 'matryoshka.retrieval.vectordb' has no attribute {name!r}")
 
 
 def open_vectordb(backend: str, uri: str, name: str, **kwargs: Any) -> DatabaseFunnel:
     """Open (or create) a funnel store: ``backend`` is ``"milvus"`` or ``"pgvector"``."""
     if backend == "milvus":
-        from matryoshka.vectordb.milvus import MilvusFunnel
+        from matryoshka.retrieval.vectordb.milvus import MilvusFunnel
 
         return MilvusFunnel(uri, name, **kwargs)
     if backend == "pgvector":
-        from matryoshka.vectordb.pgvector import PgvectorFunnel
+        from matryoshka.retrieval.vectordb.pgvector import PgvectorFunnel
 
         return PgvectorFunnel(uri, name, **kwargs)
     raise ValueError(f"backend={backend!r} is not a vector database: use 'milvus' or 'pgvector'.")
@@ -190,7 +190,7 @@ class DatabaseFunnel(ABC):
     # -- parameters ------------------------------------------------------------------------------
     def _check_params(self) -> tuple[int, tuple[int, ...], int]:
         kp = _positive_int(self.shortlist_k, "shortlist_k")
-        chain = _check_chain(self.rerank if self.rerank is not None else (self.dim,), self.dim)
+        chain = check_chain(self.rerank if self.rerank is not None else (self.dim,), self.dim)
         ef = _positive_int(self.ef_search, "ef_search")
         return kp, chain, ef
 

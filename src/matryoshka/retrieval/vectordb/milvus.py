@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from matryoshka.vectordb import DatabaseFunnel, check_name, rerank_candidates
+from matryoshka.retrieval.vectordb import DatabaseFunnel, check_name, rerank_candidates
 
 __all__ = ["MilvusFunnel"]
 
@@ -48,7 +48,7 @@ class MilvusFunnel(DatabaseFunnel):
         uri: ``./corpus.db`` (Milvus Lite, embedded) or ``http://host:19530`` (server/cluster).
         collection: collection name (letters, digits, underscores).
         dim, shortlist_size, model_name, normalize, shortlist_k, rerank, ef_search, batch_size,
-            progress: see :class:`matryoshka.vectordb.DatabaseFunnel`.
+            progress: see :class:`matryoshka.retrieval.vectordb.DatabaseFunnel`.
         hnsw_m, ef_construction: HNSW build parameters (``M``, ``efConstruction``), new collections.
         token: ``"user:password"`` or an API key for a secured server; ``db_name``: its database.
         timeout: seconds for connecting and for each request.

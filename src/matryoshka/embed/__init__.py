@@ -1,0 +1,1 @@
+"""Embedding large corpora: the shard file format and the merge of shards."""

@@ -1,0 +1,1 @@
+"""Losses: the Matryoshka classification loss and the fused Matryoshka contrastive losses."""

@@ -1,0 +1,1 @@
+"""Training: the image loop (train.py recipes) and text fine-tuning."""
