@@ -27,7 +27,7 @@ from matryoshka.evaluation.metrics import top_k_indices
 from matryoshka.models.adaptor import MatryoshkaAdaptor
 from matryoshka.report import validate_results
 from matryoshka.retrieval.index import load_index, make_index
-from matryoshka.training.image import TrainConfig
+from matryoshka.training.config import TrainConfig
 from matryoshka.training.text import TextTrainConfig, evaluate_text_model
 
 Case = tuple[str, str, str, Callable[[], object]]

@@ -9,15 +9,14 @@ import pytest
 import yaml
 
 from matryoshka.apps import APPS, get_app
-from matryoshka.cli.apps import load_app_config, register
+from matryoshka.cli import build_parser
+from matryoshka.cli.apps import load_app_config
 
 RECIPES = sorted((Path(__file__).parent.parent / "configs").glob("app_*.yaml"))
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mrl")
-    register(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -72,7 +71,7 @@ def test_user_errors_are_clear(tmp_path, capsys):
 
 def test_embed_images_reports_a_missing_model(tmp_path, capsys):
     args = _parser().parse_args(
-        ["embed-images", "--model", str(tmp_path / "none.json"), "--out", str(tmp_path / "z.npy")]
+        ["embed-images", "--run", str(tmp_path / "none.json"), "--out", str(tmp_path / "z.npy")]
     )
     assert args.func(args) == 2
     assert "mrl: error" in capsys.readouterr().err

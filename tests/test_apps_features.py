@@ -16,7 +16,8 @@ from matryoshka.apps.features import (
 )
 from matryoshka.backbones import create_backbone
 from matryoshka.backbones.resnet import ResNetBackbone
-from matryoshka.training.image import TrainConfig, build_model, save_model
+from matryoshka.training.config import TrainConfig
+from matryoshka.training.image import build_model, save_model
 
 
 def test_pool_handles_maps_tokens_and_vectors():

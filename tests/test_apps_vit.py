@@ -10,7 +10,7 @@ from matryoshka.backbones import create_backbone, list_backbones
 from matryoshka.losses.classification import MatryoshkaLoss
 from matryoshka.models.classifier import MatryoshkaClassifier
 from matryoshka.nesting import Nesting
-from matryoshka.training.image import TrainConfig
+from matryoshka.training.config import TrainConfig
 
 
 def test_vit_maps_images_to_embeddings():

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from matryoshka.training.image import TrainConfig
+from matryoshka.training.config import TrainConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

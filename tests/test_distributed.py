@@ -8,7 +8,8 @@ from dataclasses import replace
 import torch
 from safetensors.torch import load_file
 
-from matryoshka.training.image import TrainConfig, build_model, seed_everything, train
+from matryoshka.training.config import TrainConfig
+from matryoshka.training.image import build_model, seed_everything, train
 
 ARGS = [
     "train", "--backbone", "mlp", "--backbone-width", "32", "--embed-dim", "8", "--epochs", "1",

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from matryoshka.experiment import ImageExperimentConfig, run_image_experiment
-from matryoshka.training.image import TrainConfig
+from matryoshka.training.config import TrainConfig
 
 
 def test_end_to_end_tiny_experiment(tmp_path, mnist_small):

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from matryoshka.checkpoint import latest_checkpoint
 from matryoshka.data.images import ImageSplits
-from matryoshka.training.image import TrainConfig, load_model, predict_logits, random_shift, train
+from matryoshka.training.config import TrainConfig
+from matryoshka.training.image import load_model, predict_logits, random_shift, train
 
 TINY = TrainConfig(
     backbone="mlp",
@@ -109,7 +110,10 @@ def test_config_errors(kwargs, match):
 
 
 def test_config_unknown_keys():
-    with pytest.raises(ValueError, match=r"unknown config keys \['epoch'\]: known keys are"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown config keys \['epoch'\] for TrainConfig \(did you mean 'epochs'\?\): known keys are",
+    ):
         TrainConfig.from_dict({"epoch": 3})
 
 

@@ -27,7 +27,8 @@ from matryoshka.evaluation.image import (
 )
 from matryoshka.ops import truncate_numpy
 from matryoshka.report import write_report
-from matryoshka.training.image import TrainConfig, predict_logits, train
+from matryoshka.training.config import TrainConfig
+from matryoshka.training.image import predict_logits, train
 
 __all__ = ["ImageExperimentConfig", "run_image_experiment"]
 

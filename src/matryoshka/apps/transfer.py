@@ -35,7 +35,8 @@ from matryoshka.evaluation.image import embed
 from matryoshka.losses.classification import MatryoshkaLoss
 from matryoshka.models.classifier import MatryoshkaClassifier
 from matryoshka.nesting import Nesting
-from matryoshka.training.image import TrainConfig, predict_logits, seed_everything, train
+from matryoshka.training.config import TrainConfig
+from matryoshka.training.image import predict_logits, seed_everything, train
 
 __all__ = [
     "MODES",

@@ -20,7 +20,8 @@ from matryoshka.apps.common import check_positive, config_to_dict, finish, help_
 from matryoshka.backbones.vit import ViTBackbone, vit_tiny
 from matryoshka.data.images import load_mnist_subset
 from matryoshka.evaluation.image import embed, linear_probe
-from matryoshka.training.image import TrainConfig, predict_logits, train
+from matryoshka.training.config import TrainConfig
+from matryoshka.training.image import predict_logits, train
 
 __all__ = ["ViTBackbone", "ViTConfig", "run_vit", "vit_tiny"]
 

@@ -3,47 +3,36 @@
 
     mrl app multitask --config configs/app_multitask.yaml --epochs 3   # flags override YAML
     mrl app rl --config configs/app_rl.yaml
-    mrl embed-images --model runs/mnist_mrl/model.json --dim 16 --out z16.npy
+    mrl embed-images --run runs/mnist_mrl/model.json --dim 16 --out z16.npy
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
-import sys
 from pathlib import Path
 from typing import Any
 
 from matryoshka.apps import APPS
+from matryoshka.cli.args import add_dataclass_arguments, add_deprecated_alias, fail, overrides
 
-__all__ = ["cmd_app", "cmd_embed_images", "load_app_config", "register"]
+__all__ = ["add_arguments", "cmd_app", "cmd_embed_images", "load_app_config"]
 
 
 def load_app_config(name: str, path: str | None, overrides: dict[str, Any]) -> Any:
     """The config of app ``name`` from a YAML recipe (its optional ``app`` key must match) and
     ``overrides`` (flags given on the command line)."""
     from matryoshka.apps import get_app
-    from matryoshka.apps.common import config_from_dict
+    from matryoshka.config import load_recipe, load_yaml
 
     cfg_cls, _ = get_app(name)
-    data: dict[str, Any] = {}
-    if path is not None:
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"--config {path!r} does not exist.")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"--config {path!r} must hold a mapping of {cfg_cls.__name__} fields.")
-    app = data.pop("app", name)
+    data = load_yaml(path, f"{cfg_cls.__name__} fields") if path is not None else {}
+    app = data.get("app", name)
     if app != name:
         raise ValueError(
             f"--config {path!r} is a recipe for app {app!r}, not {name!r}: run `mrl app {app}`."
         )
-    data.update(overrides)
-    return config_from_dict(cfg_cls, data)
+    return load_recipe(cfg_cls, path, overrides, data=data, drop=("app",))
 
 
 def cmd_app(args: argparse.Namespace) -> int:
@@ -51,16 +40,10 @@ def cmd_app(args: argparse.Namespace) -> int:
     from matryoshka.apps import get_app
 
     cfg_cls, run = get_app(args.app)
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(cfg_cls)
-        if getattr(args, f.name, None) is not None
-    }
     try:
-        config = load_app_config(args.app, args.config, overrides)
+        config = load_app_config(args.app, args.config, overrides(args, cfg_cls))
     except (ValueError, FileNotFoundError) as e:
-        print(f"mrl: error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     results = run(config)
     out = Path(config.out_dir)
     print(f"{results['task']} ({results['meta'].get('wall_seconds')} s)")
@@ -77,9 +60,11 @@ def cmd_embed_images(args: argparse.Namespace) -> int:
     from matryoshka.apps.features import embed_images
     from matryoshka.checkpoint import CheckpointError
 
+    if args.run is None:
+        return fail("pass --run MODEL.json (the model.json written by mrl train).")
     try:
         z, y = embed_images(
-            args.model,
+            args.run,
             args.data,
             args.split,
             args.dim,
@@ -88,8 +73,7 @@ def cmd_embed_images(args: argparse.Namespace) -> int:
             layers=args.layers,
         )
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"mrl: error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     np.save(args.out, z)
     if args.labels:
         np.save(args.labels, y)
@@ -97,11 +81,8 @@ def cmd_embed_images(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``mrl app <name>`` (one per application) and ``mrl embed-images``."""
-    from matryoshka.cli import add_dataclass_arguments
-
-    p = subparsers.add_parser("app", help="run an application recipe (multitask, rl, ...)")
+def _add_app(p: argparse.ArgumentParser) -> None:
+    """``mrl app <name>``: one subcommand per application, its flags from its config."""
     apps = p.add_subparsers(dest="app", required=True)
     for name, (module, cfg, _) in APPS.items():
         try:
@@ -114,10 +95,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         add_dataclass_arguments(q, cfg_cls)
         q.set_defaults(func=cmd_app)
 
-    p = subparsers.add_parser(
-        "embed-images", help="nested image features at size --dim from a trained model"
-    )
-    p.add_argument("--model", required=True, help="model.json written by mrl train")
+
+def _add_embed_images(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", help="model.json written by mrl train")
+    add_deprecated_alias(p, "--model", "--run", dest="run")
     p.add_argument(
         "--data",
         default="mnist-subset",
@@ -136,3 +117,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .npy (N, m) float32")
     p.add_argument("--labels", default=None, help="also write the labels to this .npy")
     p.set_defaults(func=cmd_embed_images)
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """Fill the parser of ``command`` (``app`` or ``embed-images``)."""
+    (_add_app if command == "app" else _add_embed_images)(parser)

@@ -1,5 +1,6 @@
-"""CLI subcommands for indexes and adaptive retrieval: ``mrl index build``, ``mrl search``,
-``mrl bench retrieval``. :func:`register` adds them to the ``mrl`` parser.
+"""``mrl index build`` and ``mrl search``: indexes over prefixes and funnel retrieval.
+
+(The retrieval benchmark is a script of the source tree: ``python benchmarks/retrieval.py``.)
 
     mrl index build corpus.npy --dim 64 --backend faiss-hnsw --model-name all-MiniLM-L6-v2 \\
         --out corpus-64.index
@@ -7,7 +8,6 @@
     mrl search --index corpus-64.index --queries q.npy --funnel-corpus corpus.npy \\
         --shortlist-k 200 --rerank 384        # funnel: shortlist from the index, rerank at 384
     mrl search --index corpus-64.index --interactive   # one vector per stdin line
-    mrl bench retrieval --encoder static --pca        # runs benchmarks/retrieval.py
 
 Vector databases (the funnel runs inside them; see :mod:`matryoshka.retrieval.vectordb`):
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import runpy
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, TextIO
 import numpy as np
 from tqdm.auto import tqdm
 
+from matryoshka.cli.args import add_deprecated_alias, fail
 from matryoshka.retrieval.index import BACKENDS, load_index, make_index
 
 DB_BACKENDS = (
@@ -37,12 +37,7 @@ DB_BACKENDS = (
     "pgvector",
 )  # funnel stores in vector databases (matryoshka.retrieval.vectordb)
 
-__all__ = ["cmd_bench_retrieval", "cmd_index_build", "cmd_search", "register"]
-
-
-def _fail(message: str) -> int:
-    print(f"mrl: error: {message}", file=sys.stderr)
-    return 2
+__all__ = ["add_arguments", "cmd_index_build", "cmd_search"]
 
 
 def _load_npy(path: str, name: str, mmap: bool = False) -> np.ndarray:
@@ -79,14 +74,14 @@ def _db_build(args: argparse.Namespace) -> int:
             normalize=args.normalize,
             hnsw_m=args.hnsw_m,
             ef_construction=args.ef_construction,
-            batch_size=min(args.batch, 8192),
-            progress=not args.quiet,
+            batch_size=min(args.batch_size, 8192),
+            progress=args.progress,
         )
         with store:
             store.add(x, ids=np.arange(x.shape[0]))  # ids = row numbers, as in the file indexes
             print(f"wrote {store.where}: {store.ntotal} items, {store}")
     except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:
-        return _fail(str(e))
+        return fail(str(e))
     return 0
 
 
@@ -115,12 +110,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         index = make_index(
             args.backend, dim, model_name=args.model_name, normalize=args.normalize, **params
         )
-        step = max(args.batch, index.params().get("nlist") or 0)
-        for s in tqdm(range(0, x.shape[0], step), desc="index build", disable=args.quiet):
+        step = max(args.batch_size, index.params().get("nlist") or 0)
+        for s in tqdm(range(0, x.shape[0], step), desc="index build", disable=not args.progress):
             index.add(x[s : s + step])
         out = index.save(args.out or Path(args.embeddings).with_suffix(f".m{dim}.index"))
     except (ValueError, FileNotFoundError, ImportError) as e:
-        return _fail(str(e))
+        return fail(str(e))
     print(f"wrote {out}: {index}")
     return 0
 
@@ -145,7 +140,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             search: Any = _db_search(args)
             index: Any = f"{args.backend} store {args.collection!r} at {args.uri!r}"
         elif not args.index:
-            return _fail("pass --index FILE, or --backend milvus|pgvector --uri URI.")
+            return fail("pass --index FILE, or --backend milvus|pgvector --uri URI.")
         else:
             index = load_index(args.index, model_name=args.model_name)
             search = index.search
@@ -165,11 +160,11 @@ def cmd_search(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
             return 0
         if not args.queries:
-            return _fail("pass --queries Q.npy (batch) or --interactive.")
+            return fail("pass --queries Q.npy (batch) or --interactive.")
         q = _load_npy(args.queries, "queries")
         scores, ids = search(q, args.k)
     except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:
-        return _fail(str(e))
+        return fail(str(e))
     if args.out and args.out.endswith(".npz"):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.out, scores=scores, ids=ids)
@@ -184,26 +179,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _benchmark_script() -> Path | None:
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        path = root / "benchmarks" / "retrieval.py"
-        if path.is_file():
-            return path
-    return None
-
-
-def cmd_bench_retrieval(args: argparse.Namespace) -> int:
-    """``mrl bench retrieval [options]``: run ``benchmarks/retrieval.py`` with the options given."""
-    path = _benchmark_script()
-    if path is None:
-        return _fail(
-            "benchmarks/retrieval.py was not found (it ships with the source tree, not the "
-            "wheel): run this from a checkout of the matryoshka repository."
-        )
-    module = runpy.run_path(str(path), run_name="matryoshka_bench_retrieval")
-    return int(module["run_and_report"](args))
-
-
 def _add_db_arguments(p: argparse.ArgumentParser) -> None:
     """Options of the vector-database backends (``--backend milvus|pgvector``)."""
     p.add_argument(
@@ -212,9 +187,7 @@ def _add_db_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collection", default="matryoshka", help="vector DB collection/table name")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``index build``, ``search`` and ``bench retrieval`` to the ``mrl`` parser."""
-    p_index = subparsers.add_parser("index", help="build vector indexes over embedding prefixes")
+def _add_index(p_index: argparse.ArgumentParser) -> None:
     index_sub = p_index.add_subparsers(dest="index_command", required=True)
     p = index_sub.add_parser("build", help="index an (N, d) embeddings .npy at prefix size --dim")
     p.add_argument("embeddings", help="(N, d) float .npy (read memory-mapped)")
@@ -230,12 +203,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ef-search", type=int, default=128, help="HNSW search beam")
     p.add_argument("--nlist", type=int, default=None, help="IVF cells (default 4·sqrt(N))")
     p.add_argument("--nprobe", type=int, default=16, help="IVF cells visited per query")
-    p.add_argument("--batch", type=int, default=65536, help="rows added at a time")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--batch-size", type=int, default=65536, help="rows added at a time")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
+    )
+    add_deprecated_alias(p, "--batch", "--batch-size", dest="batch_size", type=int)
+    add_deprecated_alias(p, "--quiet", "--no-progress", dest="progress", const=False)
     _add_db_arguments(p)
     p.set_defaults(func=cmd_index_build)
 
-    p = subparsers.add_parser("search", help="search a saved index (batch or interactive)")
+
+def _add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default=None, help="index file from `mrl index build`")
     p.add_argument("--queries", default=None, help="(Q, d) query embeddings .npy")
     p.add_argument("--k", type=int, default=10)
@@ -250,12 +228,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_db_arguments(p)
     p.set_defaults(func=cmd_search)
 
-    p_bench = subparsers.add_parser("bench", help="benchmarks")
-    bench_sub = p_bench.add_subparsers(dest="bench_command", required=True)
-    p = bench_sub.add_parser(
-        "retrieval", help="funnel vs exact retrieval (benchmarks/retrieval.py)"
-    )
-    script = _benchmark_script()
-    if script is not None:  # its options, defined once in the script
-        runpy.run_path(str(script), run_name="matryoshka_bench_retrieval")["add_arguments"](p)
-    p.set_defaults(func=cmd_bench_retrieval)
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """Fill the parser of ``command`` (``index`` or ``search``)."""
+    (_add_index if command == "index" else _add_search)(parser)

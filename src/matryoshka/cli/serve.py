@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["OPTIONS", "cmd_serve", "register"]
+__all__ = ["OPTIONS", "add_arguments", "cmd_serve"]
 
 #: ``(field of ServeConfig, type, default, help)``; the flag is ``--field-with-dashes``.
 OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (
@@ -57,13 +57,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``serve`` to the ``mrl`` parser."""
-    p = subparsers.add_parser(
-        "serve",
-        help="HTTP embeddings (OpenAI-compatible, with `dimensions`) and funnel search",
-        description="Serve /v1/embeddings, /v1/search, /v1/models, /health and /metrics. "
-        "Needs `pip install 'matryoshka[serve]'`.",
+def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
+    """Fill the parser of ``serve``."""
+    p.description = (
+        "Serve /v1/embeddings, /v1/search, /v1/models, /health and /metrics. "
+        "Needs `pip install 'matryoshka[serve]'`."
     )
     for name, typ, default, help_ in OPTIONS:
         flag = "--" + name.replace("_", "-")

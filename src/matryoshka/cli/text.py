@@ -49,20 +49,20 @@ from typing import Any
 
 import numpy as np
 
-from matryoshka.cli import add_dataclass_arguments
+from matryoshka.cli.args import add_dataclass_arguments
 from matryoshka.io import atomic_write_bytes
 from matryoshka.training.text import WordnetTextOptions, check_text_options, config_from_dict
 
 __all__ = [
     "WORDNET_FIELDS",
     "TextEvalConfig",
+    "add_arguments",
     "cmd_adaptor_fit",
     "cmd_embed",
     "cmd_embed_merge",
     "cmd_text_eval",
     "merge_shards",
     "parse_shard",
-    "register",
     "shard_path",
     "shard_rows",
     "wordnet_texts",
@@ -783,9 +783,7 @@ def _add_source_arguments(p: argparse.ArgumentParser, other: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``embed``, ``embed-merge``, ``adaptor fit`` and ``text-eval`` to the ``mrl`` parser."""
-    p = subparsers.add_parser("embed", help="embed texts (file or WordNet) at a prefix size")
+def _add_embed(p: argparse.ArgumentParser) -> None:
     _add_source_arguments(p, "input")
     p.add_argument("--dim", type=int, default=None, help="prefix size m (default: the full d)")
     p.add_argument("--adaptor", default=None, help="fitted MatryoshkaAdaptor (stem or file)")
@@ -805,15 +803,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_embed)
 
-    p = subparsers.add_parser(
-        "embed-merge", help="check and merge the shards of `mrl embed --shard` into one .npy"
-    )
+
+def _add_embed_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="folder of shard-*-of-*.npy/.json written by mrl embed --shard")
     p.add_argument("--out", required=True, help="merged (n, dim) .npy; a .json sidecar beside")
     p.add_argument("--manifest", default=None, help="manifest path (default: FOLDER/manifest.json)")
     p.set_defaults(func=cmd_embed_merge)
 
-    p_ad = subparsers.add_parser("adaptor", help="post-hoc Matryoshka adaptor")
+
+def _add_adaptor(p_ad: argparse.ArgumentParser) -> None:
     ad_sub = p_ad.add_subparsers(dest="adaptor_command", required=True)
     p = ad_sub.add_parser("fit", help="fit an adaptor on cached or given embeddings")
     _add_source_arguments(p, "embeddings")
@@ -834,9 +832,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_adaptor_fit)
 
-    p = subparsers.add_parser(
-        "text-eval", help="per-size WordNet retrieval and probe: baselines, adaptor, fine-tuning"
-    )
+
+def _add_text_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML recipe of text-eval options")
     add_dataclass_arguments(p, TextEvalConfig)
     p.set_defaults(func=cmd_text_eval)
+
+
+_ADDERS = {
+    "embed": _add_embed,
+    "embed-merge": _add_embed_merge,
+    "adaptor": _add_adaptor,
+    "text-eval": _add_text_eval,
+}
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """Fill the parser of ``command`` (``embed``, ``embed-merge``, ``adaptor``, ``text-eval``)."""
+    _ADDERS[command](parser)

@@ -19,7 +19,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from matryoshka.backbones import create_backbone, list_backbones
+from matryoshka.backbones import create_backbone
 from matryoshka.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from matryoshka.data.images import DATASETS, ImageSplits, load_dataset
+from matryoshka.data.images import ImageSplits, load_dataset
 from matryoshka.losses.classification import MatryoshkaLoss
 from matryoshka.models.classifier import MatryoshkaClassifier
-from matryoshka.nesting import Nesting
+from matryoshka.training.config import TrainConfig
 
 __all__ = [
-    "METHODS",
-    "TrainConfig",
     "TrainResult",
     "build_model",
     "init_distributed",
@@ -48,127 +46,6 @@ __all__ = [
     "shift_images",
     "train",
 ]
-
-METHODS = ("mrl", "mrl-e", "ff")
-
-
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
-
-
-@dataclass
-class TrainConfig:
-    """One training run. Every field is a CLI flag (``--epochs 5``) and a YAML key."""
-
-    data: str = _help(
-        "data set: mnist-subset (bundled), mnist, fashion-mnist, cifar10, folder",
-        default="mnist-subset",
-    )
-    data_root: str | None = _help(
-        "folder with the data set's files (not for mnist-subset)", default=None
-    )
-    backbone: str = _help(
-        "registered feature extractor: cnn, resnet18, mlp, cnn_tiny", default="cnn"
-    )
-    backbone_width: int = _help(
-        "channel width of the cnn backbones (0: the backbone's default)", default=0
-    )
-    embed_dim: int = _help("embedding size d (the largest nesting size)", default=128)
-    method: str = _help(
-        "mrl (head per size), mrl-e (tied heads) or ff (fixed size, baseline)", default="mrl"
-    )
-    nesting: list[int] | None = _help(
-        "sizes, e.g. [2, 4, 8]; default doubling from nesting_start to embed_dim", default=None
-    )
-    nesting_start: int = _help("first size of the default doubling ladder", default=2)
-    nesting_weights: list[float] | None = _help(
-        "one loss weight per size (default all 1)", default=None
-    )
-    epochs: int = _help("passes over the training split", default=10)
-    batch_size: int = _help("examples per step", default=128)
-    lr: float = _help("peak AdamW learning rate (cosine decay to 0)", default=3e-3)
-    weight_decay: float = _help("AdamW weight decay", default=5e-4)
-    augment_shift: int = _help(
-        "random translation of training images by up to N pixels (0: off)", default=0
-    )
-    seed: int = _help("seed of the split, the init and the batch order", default=0)
-    out_dir: str = _help("folder for checkpoints, the model and the history", default="runs/train")
-    checkpoint_every: int = _help(
-        "also checkpoint every N steps (0: at the end of each epoch only)", default=0
-    )
-    keep_checkpoints: int = _help("how many recent checkpoints to keep", default=2)
-    resume: bool = _help("continue from the newest good checkpoint in out_dir", default=False)
-    nonfinite: str = _help(
-        "on a NaN/inf loss: stop (raise) or skip (drop the batch)", default="stop"
-    )
-    grad_accum: int = _help(
-        "split each batch into N micro-batches, one optimizer step (same result, less memory)",
-        default=1,
-    )
-    amp: bool = _help(
-        "bfloat16 autocast on CUDA (mixed precision); no effect on CPU", default=False
-    )
-    device: str = _help("cpu, cuda, or auto", default="auto")
-    progress: bool = _help("show a progress bar", default=True)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {list(METHODS)}.")
-        if self.backbone not in list_backbones():
-            raise ValueError(f"backbone={self.backbone!r} is not one of {list_backbones()}.")
-        if self.data not in DATASETS:
-            raise ValueError(f"data={self.data!r} is not one of {list(DATASETS)}.")
-        for name in (
-            "embed_dim",
-            "epochs",
-            "batch_size",
-            "keep_checkpoints",
-            "nesting_start",
-            "grad_accum",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int.")
-        for name in ("checkpoint_every", "backbone_width", "augment_shift"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r} must be an int >= 0 (0 turns it off).")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ValueError(f"lr={self.lr!r} must be a positive finite float, e.g. 3e-3.")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0.")
-        if self.nonfinite not in ("stop", "skip"):
-            raise ValueError(f"nonfinite={self.nonfinite!r} must be 'stop' or 'skip'.")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device={self.device!r} must be 'auto', 'cpu' or 'cuda'.")
-        self.nesting_obj()  # validates nesting, weights and embed_dim together
-
-    def nesting_obj(self) -> Nesting:
-        """The ladder this run trains: one size (``embed_dim``) for ``ff``."""
-        if self.method == "ff":
-            return Nesting([self.embed_dim])
-        if self.nesting is not None:
-            nesting = Nesting(self.nesting, self.nesting_weights)
-        else:
-            start = min(self.nesting_start, self.embed_dim)
-            nesting = Nesting.doubling(start, self.embed_dim)
-            if self.nesting_weights is not None:
-                nesting = Nesting(nesting.sizes, self.nesting_weights)
-        nesting.check_dim(self.embed_dim, "embed_dim")
-        return nesting
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a dict (a YAML recipe); unknown keys are an error that lists the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}: known keys are {sorted(known)}.")
-        return cls(**data)
 
 
 @dataclass

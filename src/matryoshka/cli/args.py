@@ -1,0 +1,149 @@
+"""Flags built one way for every ``mrl`` command.
+
+* :func:`add_dataclass_arguments`: one ``--flag`` per field of a config dataclass, with the help
+  text the field carries (:func:`matryoshka.config.help_field`); defaults are ``None`` so that only
+  the flags given override a recipe (:func:`overrides`).
+* One spelling across commands: ``--out``, ``--batch-size``, ``--no-progress``, ``--device``,
+  ``--model`` (an encoder) and ``--run`` (a trained run folder or its ``model.json``). Older
+  spellings still parse, with a warning, for one release (:func:`add_deprecated_alias`).
+* :class:`UsageError` and :func:`fail`: a bad option is ``mrl: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "FLAG_NAMES",
+    "UsageError",
+    "add_dataclass_arguments",
+    "add_deprecated_alias",
+    "fail",
+    "flag_of",
+    "given_flags",
+    "overrides",
+]
+
+#: Fields whose flag is spelled differently from ``--field-name`` (one spelling across commands).
+FLAG_NAMES = {"out_dir": "--out"}
+
+
+class UsageError(ValueError):
+    """A bad option or input: reported as ``mrl: error: ...`` with exit status 2."""
+
+
+def fail(message: str, command: str = "mrl") -> int:
+    """Print ``<command>: error: message`` on stderr and return the exit status 2."""
+    print(f"{command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of the config field ``name`` (``batch_size`` -> ``--batch-size``)."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _arg_type(annotation: str) -> dict[str, Any]:
+    ann = annotation.replace(" ", "")
+    if ann == "bool":
+        return {"action": argparse.BooleanOptionalAction}
+    scalar = {"int": int, "float": float, "str": str}
+    for name, typ in scalar.items():
+        if ann in (name, f"{name}|None"):
+            return {"type": typ}
+        if ann in (f"list[{name}]", f"list[{name}]|None", f"tuple[{name},...]"):
+            return {"type": typ, "nargs": "+"}
+    raise TypeError(f"no CLI mapping for a field annotated {annotation!r}")
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    exclude: Iterable[str] = (),
+) -> None:
+    """One flag per field of the dataclass ``cls`` (but ``exclude``), with the field's help and
+    ``choices`` metadata; defaults are ``None``, so only the flags given override a recipe.
+
+    Every field must carry help text: a field without it is a ``TypeError`` (for the developer
+    adding it), so no flag of ``mrl`` goes undocumented.
+    """
+    skip = set(exclude)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        help_ = f.metadata.get("help")
+        if not help_:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with help_field")
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        parser.add_argument(
+            flag_of(f.name),
+            dest=f.name,
+            default=None,
+            help=help_,
+            **_arg_type(str(f.type)),
+            **extra,
+        )
+
+
+def overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` given on the command line (flags left unset are ``None``)."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
+
+
+def given_flags(args: argparse.Namespace, names: Iterable[str]) -> list[str]:
+    """The flags (spelled as on the command line) among the fields ``names`` that were given."""
+    return [flag_of(n) for n in names if getattr(args, n, None) is not None]
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling: warns once on stderr, then stores into the new flag's destination."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kw: Any) -> None:
+        self.new_flag = kw.pop("new_flag")
+        self.const_value = kw.pop("const_value", None)
+        nargs = 0 if self.const_value is not None else kw.pop("nargs", None)
+        super().__init__(option_strings, dest, nargs=nargs, **kw)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"mrl: warning: {option_string} is deprecated and will be removed in the next "
+            f"release: use {self.new_flag}.",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, self.const_value if self.const_value is not None else values)
+
+
+def add_deprecated_alias(
+    parser: argparse.ArgumentParser,
+    old: str,
+    new: str,
+    dest: str,
+    const: Any = None,
+    **kw: Any,
+) -> None:
+    """Accept the old flag ``old`` for ``new`` (hidden from ``--help``): a switch when ``const``
+    is given (``--quiet`` stores ``progress=False``), else it takes the new flag's value."""
+    parser.add_argument(
+        old,
+        dest=dest,
+        action=_Deprecated,
+        new_flag=new,
+        const_value=const,
+        help=argparse.SUPPRESS,
+        default=argparse.SUPPRESS,
+        **kw,
+    )
