@@ -26,7 +26,8 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
 from torch import nn
 
-from matryoshka.apps.common import check_positive, config_to_dict, finish, fit, help_field
+from matryoshka.apps.common import check_positive, config_to_dict, finish, fit
+from matryoshka.config import help_field
 from matryoshka.data.images import load_mnist_subset
 from matryoshka.evaluation.image import knn1_accuracy
 from matryoshka.losses.classification import MatryoshkaLoss
@@ -105,10 +106,10 @@ class MatryoshkaAutoencoder(nn.Module):
 class AutoencoderConfig:
     """Matryoshka autoencoder recipe on the bundled MNIST subset (flattened 28x28 images)."""
 
-    sizes: list[int] = help_field(  # noqa: RUF009
+    sizes: list[int] = help_field(
         "code sizes (the last is d)", default_factory=lambda: [1, 2, 4, 8, 16, 32, 64]
     )
-    hidden: list[int] = help_field(  # noqa: RUF009
+    hidden: list[int] = help_field(
         "hidden widths of encoder/decoder", default_factory=lambda: [256]
     )
     epochs: int = help_field("training epochs", default=30)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from matryoshka._validate import positive_int
 from matryoshka.data.images import MNIST_MEAN, MNIST_STD, ImageSplits, _from_arrays
 from matryoshka.nesting import Nesting
 from matryoshka.report import write_report
@@ -26,33 +27,14 @@ from matryoshka.report import write_report
 __all__ = [
     "append_images",
     "check_positive",
-    "config_from_dict",
     "config_to_dict",
     "fit",
-    "help_field",
     "load_digits_images",
     "make_nesting",
     "select_classes",
 ]
 
 C = TypeVar("C")
-
-
-def help_field(text: str, **kw: Any) -> Any:
-    """A dataclass field whose ``text`` becomes the CLI flag's help."""
-    return field(metadata={"help": text}, **kw)
-
-
-def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    """Build the config dataclass ``cls`` from a YAML mapping; unknown keys are an error that
-    lists the known ones."""
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown config keys {unknown} for {cls.__name__}: known keys are {sorted(known)}."
-        )
-    return cls(**data)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -63,9 +45,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def check_positive(config: Any, *names: str) -> None:
     """Raise a ``ValueError`` naming the first of ``names`` that is not a positive int."""
     for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int.")
+        positive_int(getattr(config, name), name)
 
 
 def make_nesting(dim: int, start: int, sizes: list[int] | None = None) -> Nesting:

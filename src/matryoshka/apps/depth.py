@@ -21,15 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from matryoshka.apps.common import (
-    check_positive,
-    config_to_dict,
-    finish,
-    fit,
-    help_field,
-    make_nesting,
-)
+from matryoshka.apps.common import check_positive, config_to_dict, finish, fit, make_nesting
 from matryoshka.apps.vit import ViTBackbone
+from matryoshka.config import help_field
 from matryoshka.data.images import load_mnist_subset
 from matryoshka.losses.classification import MatryoshkaLoss
 from matryoshka.models.heads import MatryoshkaHead
@@ -171,7 +165,7 @@ class DepthConfig:
     width: int = help_field("transformer width", default=64)
     embed_dim: int = help_field("embedding size d of every exit", default=64)
     nesting_start: int = help_field("first size of the doubling ladder", default=2)
-    exit_weights: list[float] | None = help_field(  # noqa: RUF009
+    exit_weights: list[float] | None = help_field(
         "one loss weight per exit (default all 1)", default=None
     )
     epochs: int = help_field("training epochs", default=10)

@@ -31,10 +31,10 @@ from matryoshka.apps.common import (
     config_to_dict,
     finish,
     fit,
-    help_field,
     load_digits_images,
     make_nesting,
 )
+from matryoshka.config import help_field
 from matryoshka.evaluation.image import linear_probe, posthoc_reduce
 from matryoshka.losses.classification import MatryoshkaLoss
 from matryoshka.models.heads import MatryoshkaHead
@@ -189,7 +189,7 @@ class FeaturesConfig:
 
     n_train: int = help_field("training synsets (sampled, seeded)", default=4000)
     n_test: int = help_field("test synsets", default=1500)
-    layers: list[int] = help_field(  # noqa: RUF009
+    layers: list[int] = help_field(
         "MiniLM layers (1-based) whose mean-pooled states are concatenated",
         default_factory=lambda: [3, 6],
     )

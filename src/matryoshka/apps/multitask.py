@@ -26,16 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from matryoshka.apps.common import (
-    check_positive,
-    config_to_dict,
-    finish,
-    fit,
-    help_field,
-    make_nesting,
-)
+from matryoshka.apps.common import check_positive, config_to_dict, finish, fit, make_nesting
 from matryoshka.backbones import create_backbone
 from matryoshka.backbones.mlp import MLP
+from matryoshka.config import help_field
 from matryoshka.data.images import load_mnist_subset
 from matryoshka.data.wordnet import LEXNAMES, POS_NAMES, Synset
 from matryoshka.evaluation.image import embed
@@ -308,12 +302,12 @@ class MultiTaskConfig:
     and a YAML key."""
 
     data: str = help_field(f"data set, one of {sorted(DATASETS)}", default="mnist")
-    tasks: list[str] | None = help_field(  # noqa: RUF009
+    tasks: list[str] | None = help_field(
         "tasks; mnist: digit, parity, high (default all); wordnet: pos, ss_type, lexname "
         "(default pos, lexname)",
         default=None,
     )
-    task_weights: list[float] | None = help_field(  # noqa: RUF009
+    task_weights: list[float] | None = help_field(
         "one loss weight per task (default all 1)", default=None
     )
     backbone: str | None = help_field(

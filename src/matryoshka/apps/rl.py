@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from matryoshka.apps.common import check_positive, config_to_dict, finish, help_field, make_nesting
+from matryoshka.apps.common import check_positive, config_to_dict, finish, make_nesting
+from matryoshka.config import help_field
 from matryoshka.models.heads import MatryoshkaHead
 from matryoshka.nesting import Nesting
 from matryoshka.training.image import seed_everything

@@ -26,10 +26,10 @@ from matryoshka.apps.common import (
     config_to_dict,
     finish,
     fit,
-    help_field,
     load_digits_images,
     select_classes,
 )
+from matryoshka.config import help_field
 from matryoshka.data.images import ImageSplits, load_mnist_subset
 from matryoshka.evaluation.image import embed
 from matryoshka.losses.classification import MatryoshkaLoss

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from matryoshka.apps.common import check_positive, config_to_dict, finish, help_field
+from matryoshka.apps.common import check_positive, config_to_dict, finish
 from matryoshka.backbones.vit import ViTBackbone, vit_tiny
+from matryoshka.config import help_field
 from matryoshka.data.images import load_mnist_subset
 from matryoshka.evaluation.image import embed, linear_probe
 from matryoshka.training.config import TrainConfig
