@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from matryoshka import Nesting
 from matryoshka.losses.contrastive import MatryoshkaContrastiveLoss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.st_reference
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks.st_reference
 
 
 def loop_loss(q: torch.Tensor, k: torch.Tensor, nesting: Nesting, t: float) -> torch.Tensor:
@@ -164,7 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    from tests.st_reference import st_loss, st_matryoshka_mnrl
+    from benchmarks.st_reference import st_loss, st_matryoshka_mnrl
 
     torch.manual_seed(0)
     nesting = Nesting.doubling(8, args.dim)

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.bad_inputs import CASES, run_case
+from tools.bad_inputs import CASES, run_case
 
 
 @pytest.mark.parametrize(

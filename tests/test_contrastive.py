@@ -12,7 +12,7 @@ from matryoshka.losses.contrastive import (
     MatryoshkaContrastiveLoss,
     _softmax_needs_no_logs,
 )
-from tests.st_reference import st_loss, st_matryoshka_mnrl
+from benchmarks.st_reference import st_loss, st_matryoshka_mnrl
 
 NEST = Nesting([3, 5, 8, 12], [1.0, 0.5, 2.0, 1.0])
 
