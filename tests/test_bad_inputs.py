@@ -1,5 +1,4 @@
 import pytest
-
 from tools.bad_inputs import CASES, run_case
 
 

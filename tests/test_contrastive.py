@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmarks.st_reference import st_loss, st_matryoshka_mnrl
 
 from matryoshka import Nesting
 from matryoshka.losses.contrastive import (
@@ -12,7 +13,6 @@ from matryoshka.losses.contrastive import (
     MatryoshkaContrastiveLoss,
     _softmax_needs_no_logs,
 )
-from benchmarks.st_reference import st_loss, st_matryoshka_mnrl
 
 NEST = Nesting([3, 5, 8, 12], [1.0, 0.5, 2.0, 1.0])
 

@@ -8,8 +8,8 @@ from dataclasses import replace
 import torch
 from safetensors.torch import load_file
 
-from matryoshka.training.config import TrainConfig
 from matryoshka.training.image import build_model, seed_everything, train
+from tests.helpers import tiny_train_config
 
 ARGS = [
     "train", "--backbone", "mlp", "--backbone-width", "32", "--embed-dim", "8", "--epochs", "1",
@@ -52,7 +52,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
     # ... while training moved the weights far more than that tolerance
     seed_everything(0)
-    init = build_model(TrainConfig(backbone="mlp", backbone_width=32, embed_dim=8), 10, 1)
+    init = build_model(tiny_train_config(), 10, 1)
     moved = max((one[f"model.{k}"] - v).abs().max().item() for k, v in init.state_dict().items())
     assert moved > 1e-2
     meta = (tmp_path / "two" / "model.json").read_text()
@@ -60,9 +60,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, mnist_small):
-    cfg = TrainConfig(
-        backbone="mlp", backbone_width=32, embed_dim=8, epochs=1, batch_size=100, progress=False
-    )
+    cfg = tiny_train_config(epochs=1, batch_size=100)
     a = train(replace(cfg, out_dir=str(tmp_path / "a")), mnist_small).model
     b = train(replace(cfg, grad_accum=3, out_dir=str(tmp_path / "b")), mnist_small).model
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):

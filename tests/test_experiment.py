@@ -3,19 +3,11 @@ import json
 import pytest
 
 from matryoshka.experiment import ImageExperimentConfig, run_image_experiment
-from matryoshka.training.config import TrainConfig
+from tests.helpers import tiny_train_config
 
 
 def test_end_to_end_tiny_experiment(tmp_path, mnist_small):
-    train_cfg = TrainConfig(
-        backbone="mlp",
-        backbone_width=32,
-        embed_dim=8,
-        nesting_start=2,
-        epochs=2,
-        batch_size=64,
-        progress=False,
-    )
+    train_cfg = tiny_train_config(nesting_start=2, epochs=2, batch_size=64)
     results = run_image_experiment(
         ImageExperimentConfig(train=train_cfg, out_dir=str(tmp_path)), mnist_small
     )

@@ -13,16 +13,9 @@ from matryoshka.checkpoint import latest_checkpoint
 from matryoshka.data.images import ImageSplits
 from matryoshka.training.config import TrainConfig
 from matryoshka.training.image import load_model, predict_logits, random_shift, train
+from tests.helpers import tiny_train_config
 
-TINY = TrainConfig(
-    backbone="mlp",
-    backbone_width=64,
-    embed_dim=16,
-    nesting_start=2,
-    epochs=4,
-    batch_size=32,
-    progress=False,
-)
+TINY = tiny_train_config(backbone_width=64, embed_dim=16, nesting_start=2, epochs=4, batch_size=32)
 
 
 def test_mrl_training_learns_every_size_and_reloads(tmp_path, mnist_small):
