@@ -42,7 +42,9 @@ import torch.nn.functional as F
 from matryoshka import Nesting
 from matryoshka.losses.contrastive import MatryoshkaContrastiveLoss
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks.st_reference
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # the repo root: benchmarks.st_reference
 
 
 def loop_loss(q: torch.Tensor, k: torch.Tensor, nesting: Nesting, t: float) -> torch.Tensor:

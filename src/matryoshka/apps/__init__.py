@@ -15,15 +15,45 @@ from typing import Any
 
 __all__ = ["APPS", "get_app"]
 
-#: ``name: (module, config class, run function)``.
-APPS: dict[str, tuple[str, str, str]] = {
-    "multitask": ("matryoshka.apps.multitask", "MultiTaskConfig", "run_multitask"),
-    "autoencoder": ("matryoshka.apps.autoencoder", "AutoencoderConfig", "run_autoencoder"),
-    "transfer": ("matryoshka.apps.transfer", "TransferConfig", "run_transfer"),
-    "features": ("matryoshka.apps.features", "FeaturesConfig", "run_features"),
-    "vit": ("matryoshka.apps.vit", "ViTConfig", "run_vit"),
-    "depth": ("matryoshka.apps.depth", "DepthConfig", "run_depth"),
-    "rl": ("matryoshka.apps.rl", "RLConfig", "run_rl"),
+#: ``name: (module, config class, run function, one-line help)``.
+APPS: dict[str, tuple[str, str, str, str]] = {
+    "multitask": (
+        "matryoshka.apps.multitask",
+        "MultiTaskConfig",
+        "run_multitask",
+        "multi-task heads on one nested embedding (MNIST subset or WordNet)",
+    ),
+    "autoencoder": (
+        "matryoshka.apps.autoencoder",
+        "AutoencoderConfig",
+        "run_autoencoder",
+        "Matryoshka autoencoder on the MNIST subset, with 2-D views",
+    ),
+    "transfer": (
+        "matryoshka.apps.transfer",
+        "TransferConfig",
+        "run_transfer",
+        "transfer a nested MNIST embedding to another target task",
+    ),
+    "features": (
+        "matryoshka.apps.features",
+        "FeaturesConfig",
+        "run_features",
+        "nested features from frozen MiniLM on WordNet lexicographer categories",
+    ),
+    "vit": ("matryoshka.apps.vit", "ViTConfig", "run_vit", "MRL with a tiny ViT on MNIST"),
+    "depth": (
+        "matryoshka.apps.depth",
+        "DepthConfig",
+        "run_depth",
+        "adaptive depth x width: ViT exits after every block, MRL heads at every exit",
+    ),
+    "rl": (
+        "matryoshka.apps.rl",
+        "RLConfig",
+        "run_rl",
+        "PPO on CartPole-v1, a nested state encoder",
+    ),
 }
 
 
@@ -31,6 +61,6 @@ def get_app(name: str) -> tuple[type, Callable[[Any], dict[str, Any]]]:
     """``(config class, run function)`` of the application ``name``."""
     if name not in APPS:
         raise ValueError(f"app={name!r} is not one of {sorted(APPS)}.")
-    module, cfg, run = APPS[name]
+    module, cfg, run, _ = APPS[name]
     mod = importlib.import_module(module)
     return getattr(mod, cfg), getattr(mod, run)

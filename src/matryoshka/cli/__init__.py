@@ -10,7 +10,8 @@ module                  commands
 ``cli/apps.py``         ``app <name>``, ``embed-images``
 ======================  =====================================================================
 
-Each module has ``add_arguments(command, parser)``; only the module of the command being run is
+Each module has ``add_arguments(command, parser, rest)`` (``rest``: the command line after the
+command, for families such as ``mrl app <name>``); only the module of the command being run is
 imported (``mrl --help`` imports none), and the heavy libraries (torch, faiss, fastapi) are
 imported by the command itself, so help is instant. Flags are built by :mod:`matryoshka.cli.args`.
 """
@@ -51,16 +52,18 @@ def _version() -> str:
     return f"mrl (matryoshka) {__version__}"
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, rest: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The ``mrl`` parser: every command listed, and the arguments of ``command`` (of every
-    command when ``None``; pass the one being run so that only its module is imported)."""
+    command when ``None``; pass the one being run so that only its module is imported).
+    ``rest``, the command line after ``command``, lets a command family with sub-commands
+    (``mrl app <name>``) import only the one named."""
     parser = argparse.ArgumentParser(prog="mrl", description="Matryoshka Representation Learning")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         if command is None or command == name:
-            importlib.import_module(module).add_arguments(name, p)
+            importlib.import_module(module).add_arguments(name, p, rest)
     return parser
 
 
@@ -73,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mrl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_of(argv)
-    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
+    rest = argv[argv.index(command) + 1 :] if command in COMMANDS else []
+    args = build_parser(command if command in COMMANDS else "", rest).parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,18 +82,19 @@ def cmd_embed_images(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_app(p: argparse.ArgumentParser) -> None:
-    """``mrl app <name>``: one subcommand per application, its flags from its config."""
+def _add_app(p: argparse.ArgumentParser, rest: Sequence[str] = ()) -> None:
+    """``mrl app <name>``: one subcommand per application, its flags from its config class;
+    only the app named in ``rest`` is imported (none for ``mrl app --help``, every app when
+    ``rest`` names none)."""
     apps = p.add_subparsers(dest="app", required=True)
-    for name, (module, cfg, _) in APPS.items():
-        try:
-            cfg_cls = getattr(importlib.import_module(module), cfg)
-        except ImportError:  # pragma: no cover - an app whose import fails is left out
+    chosen = next((w for w in rest if not w.startswith("-")), None)
+    listing = chosen is None and bool({"-h", "--help"} & set(rest))  # `mrl app --help`
+    for name, (module, cfg, _, help_) in APPS.items():
+        q = apps.add_parser(name, help=help_, description=help_)
+        if listing or (chosen in APPS and chosen != name):
             continue
-        doc = (cfg_cls.__doc__ or "").strip().splitlines()[0]
-        q = apps.add_parser(name, help=doc, description=doc)
         q.add_argument("--config", help=f"YAML recipe (configs/app_{name}.yaml); flags override")
-        add_dataclass_arguments(q, cfg_cls)
+        add_dataclass_arguments(q, getattr(importlib.import_module(module), cfg))
         q.set_defaults(func=cmd_app)
 
 
@@ -119,6 +121,10 @@ def _add_embed_images(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_embed_images)
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
-    """Fill the parser of ``command`` (``app`` or ``embed-images``)."""
-    (_add_app if command == "app" else _add_embed_images)(parser)
+def add_arguments(command: str, parser: argparse.ArgumentParser, rest: Sequence[str] = ()) -> None:
+    """Fill the parser of ``command`` (``app`` or ``embed-images``); ``rest`` is the command
+    line after it."""
+    if command == "app":
+        _add_app(parser, rest)
+    else:
+        _add_embed_images(parser)

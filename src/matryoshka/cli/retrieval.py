@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -229,6 +229,6 @@ def _add_search(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_search)
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+def add_arguments(command: str, parser: argparse.ArgumentParser, rest: Sequence[str] = ()) -> None:
     """Fill the parser of ``command`` (``index`` or ``search``)."""
     (_add_index if command == "index" else _add_search)(parser)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["OPTIONS", "add_arguments", "cmd_serve"]
@@ -57,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
+def add_arguments(command: str, p: argparse.ArgumentParser, rest: Sequence[str] = ()) -> None:
     """Fill the parser of ``serve``."""
     p.description = (
         "Serve /v1/embeddings, /v1/search, /v1/models, /health and /metrics. "

@@ -42,7 +42,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -847,6 +847,6 @@ _ADDERS = {
 }
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+def add_arguments(command: str, parser: argparse.ArgumentParser, rest: Sequence[str] = ()) -> None:
     """Fill the parser of ``command`` (``embed``, ``embed-merge``, ``adaptor``, ``text-eval``)."""
     _ADDERS[command](parser)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,6 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 _ADDERS = {"train": _add_train, "eval": _add_eval, "demo": _add_demo, "report": _add_report}
 
 
-def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+def add_arguments(command: str, parser: argparse.ArgumentParser, rest: Sequence[str] = ()) -> None:
     """Fill the parser of ``command`` (``train``, ``eval``, ``demo`` or ``report``)."""
     _ADDERS[command](parser)
