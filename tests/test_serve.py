@@ -1,11 +1,12 @@
 """The HTTP service against real uvicorn servers on 127.0.0.1: round trips, every error path,
-OpenAI-style bodies, dynamic batching, metrics, search, the client, the CLI, and a fuzz run."""
+OpenAI-style bodies, dynamic batching, metrics, search, the client, and a fuzz run.
+
+The service's methods without HTTP: tests/test_serve_service.py; the config and `mrl serve`:
+tests/test_serve_cli.py."""
 
 from __future__ import annotations
 
-import argparse
 import base64
-import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +34,6 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from matryoshka.cli.serve import OPTIONS, register  # noqa: E402
 from matryoshka.client import EmbeddingClient, ServerError  # noqa: E402
 from matryoshka.models.text_encoder import DEFAULT_MODEL, TextEncoder  # noqa: E402
 from matryoshka.ops import truncate_numpy  # noqa: E402
@@ -405,7 +405,7 @@ def test_search_errors(
     assert fragment in err["message"]
 
 
-# -- client, adaptor, config, CLI ------------------------------------------------------------------
+# -- client, adaptor, setup ------------------------------------------------------------------------
 def test_client_helper(live: LiveServer, encoder: TextEncoder) -> None:
     client = EmbeddingClient(live.url)
     z = client.embed(["a cat", "a dog"], dimensions=24)
@@ -450,32 +450,6 @@ def test_create_app_rejects_bad_setup(encoder: TextEncoder, corpus: np.ndarray) 
         create_app(ServeConfig(max_input_tokens=1000), encoder=encoder)
     with pytest.raises(ValueError, match="corpus has 32-d vectors but the model serves 384-d"):
         create_app(ServeConfig(), encoder=encoder, corpus=corpus[:, :32])
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "fragment"),
-    [
-        ({"max_inputs": 0}, "max_inputs=0 must be an int >= 1"),
-        ({"port": -1}, "port=-1 must be an int >= 0"),
-        ({"long_input": "cut"}, "long_input='cut' is not a policy"),
-        ({"max_wait_ms": -1}, "max_wait_ms=-1 must be a number"),
-        ({"max_input_tokens": 2}, "max_input_tokens=2 must be an int >= 3"),
-    ],
-)
-def test_config_validation(kwargs: dict[str, Any], fragment: str) -> None:
-    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
-        ServeConfig(**kwargs)
-
-
-def test_cli_mirrors_config() -> None:
-    """Every ServeConfig field is a `mrl serve` option with the same default."""
-    fields = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
-    assert {name: default for name, _, default, _ in OPTIONS} == fields
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--port", "9001", "--no-batching", "--alias", "mini"])
-    assert (args.port, args.batching, args.aliases) == (9001, False, ["mini"])
-    assert args.func(parser.parse_args(["serve", "--max-inputs", "0"])) == 2
 
 
 # -- fuzzing ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -47,16 +48,22 @@ def flag_of(name: str) -> str:
     return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
-def _arg_type(annotation: str) -> dict[str, Any]:
-    ann = annotation.replace(" ", "")
-    if ann == "bool":
+_SCALARS: dict[Any, type] = {str: str, int: int, float: float}
+
+
+def _arg_type(annotation: Any) -> dict[str, Any]:
+    """``add_argument`` keywords for a field of type ``annotation`` (resolved, not a string)."""
+    if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
-    scalar = {"int": int, "float": float, "str": str}
-    for name, typ in scalar.items():
-        if ann in (name, f"{name}|None"):
-            return {"type": typ}
-        if ann in (f"list[{name}]", f"list[{name}]|None", f"tuple[{name},...]"):
-            return {"type": typ, "nargs": "+"}
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if annotation in _SCALARS or (len(args) == 1 and args[0] in _SCALARS and origin is not list):
+        return {"type": _SCALARS[annotation if annotation in _SCALARS else args[0]]}
+    if origin is tuple and args[:1] == [str]:  # tuple[str, ...]: a repeatable flag
+        return {"action": "append"}
+    inner = args[0] if len(args) == 1 and typing.get_origin(args[0]) is list else annotation
+    if typing.get_origin(inner) is list and typing.get_args(inner)[0] in _SCALARS:
+        return {"type": _SCALARS[typing.get_args(inner)[0]], "nargs": "+"}
     raise TypeError(f"no CLI mapping for a field annotated {annotation!r}")
 
 
@@ -64,28 +71,35 @@ def add_dataclass_arguments(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     cls: type,
     exclude: Iterable[str] = (),
+    *,
+    defaults: bool = False,
 ) -> None:
-    """One flag per field of the dataclass ``cls`` (but ``exclude``), with the field's help and
-    ``choices`` metadata; defaults are ``None``, so only the flags given override a recipe.
+    """One flag per field of the dataclass ``cls`` (but ``exclude``), with the field's help,
+    ``choices`` and ``flag`` (another spelling) metadata.
 
+    ``defaults=False`` (a command with a recipe): every default is ``None``, so only the flags
+    given override the recipe (:func:`overrides`). ``defaults=True`` (a command whose flags are
+    the whole config): the field defaults, and ``None`` for repeatable flags (read as empty).
     Every field must carry help text: a field without it is a ``TypeError`` (for the developer
     adding it), so no flag of ``mrl`` goes undocumented.
     """
     skip = set(exclude)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         help_ = f.metadata.get("help")
         if not help_:
             raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with help_field")
-        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        kwargs = _arg_type(hints[f.name])
+        if "choices" in f.metadata:
+            kwargs["choices"] = tuple(f.metadata["choices"])
+        default = None
+        if defaults and kwargs.get("action") != "append":
+            default = f.default if f.default is not dataclasses.MISSING else None
+        flag = "--" + f.metadata["flag"].replace("_", "-") if "flag" in f.metadata else None
         parser.add_argument(
-            flag_of(f.name),
-            dest=f.name,
-            default=None,
-            help=help_,
-            **_arg_type(str(f.type)),
-            **extra,
+            flag or flag_of(f.name), dest=f.name, default=default, help=help_, **kwargs
         )
 
 

@@ -1,0 +1,113 @@
+"""The server's configuration: :class:`ServeConfig`, validated once when it is built.
+
+Every field carries its one-line help as ``metadata["help"]``; ``mrl serve`` generates its flags
+from these fields (:mod:`matryoshka.cli.serve`), so the CLI and the Python API cannot drift apart.
+Two further metadata keys shape a flag: ``choices`` (the accepted values) and ``flag`` (the flag's
+name when it is not the field's, e.g. the repeatable ``--alias`` for ``aliases``).
+
+This module imports nothing beyond the standard library: the CLI reads it without FastAPI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+__all__ = ["LONG_INPUT_POLICIES", "ServeConfig"]
+
+#: What happens to a text over the length limits: a 400 error, or a cut to the limits.
+LONG_INPUT_POLICIES = ("reject", "truncate")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with ``default`` and its CLI help (plus ``choices`` / ``flag``)."""
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    """Everything the server needs; validated once in ``__post_init__``.
+
+    Attributes:
+        model: sentence-transformers model name or path; ``None`` is the bundled MiniLM.
+        model_name: the id clients pass as ``model`` (default: the model's name).
+        aliases: further ids accepted as ``model``.
+        adaptor: path of a saved :class:`~matryoshka.models.adaptor.MatryoshkaAdaptor` making the
+            model's prefixes good; without one, sizes are plain truncations of the model's output.
+        corpus: ``(N, d)`` ``.npy`` corpus embeddings (in the served space: adapted if an adaptor
+            is used) for ``/v1/search``.
+        index: a saved shortlist index (``mrl index build``) over that corpus; a full-size exact
+            index can stand in for ``corpus``.
+        host, port: where uvicorn listens.
+        device: torch device of the encoder.
+        max_inputs: most texts in one request.
+        max_input_tokens: most tokens per text, special tokens included (``None``: the model's
+            ``max_seq_length``).
+        max_input_chars: most characters per text (a cheap guard before tokenising).
+        long_input: ``"reject"`` (400) or ``"truncate"`` (cut to the limits) for longer texts.
+        batching: dynamic batching of concurrent requests (``False``: one encoder call each).
+        max_batch_size: most texts per encoder call.
+        max_wait_ms: how long the first request of a batch waits for company.
+        max_k: largest ``k`` accepted by ``/v1/search``.
+        tune_queries: corpus rows used as held-out queries when tuning a funnel for a target.
+        log_level: uvicorn's log level.
+    """
+
+    model: str | None = _opt(
+        None, "sentence-transformers model name or path (default: bundled MiniLM)"
+    )
+    model_name: str | None = _opt(
+        None, "model id clients send as `model` (default: the model's name)"
+    )
+    aliases: tuple[str, ...] = _opt((), "further accepted model ids (repeatable)", flag="alias")
+    adaptor: str | None = _opt(
+        None, "saved MatryoshkaAdaptor (stem of .json/.safetensors): nested sizes"
+    )
+    corpus: str | None = _opt(
+        None, "(N, d) .npy corpus embeddings, in the served space, for /v1/search"
+    )
+    index: str | None = _opt(None, "saved shortlist index over the corpus (`mrl index build`)")
+    host: str = _opt("127.0.0.1", "interface to listen on")
+    port: int = _opt(8000, "TCP port")
+    device: str = _opt("cpu", "torch device of the encoder")
+    max_inputs: int = _opt(256, "most texts per request")
+    max_input_tokens: int | None = _opt(
+        None, "most tokens per text (default: the model's max_seq_length)"
+    )
+    max_input_chars: int = _opt(20_000, "most characters per text")
+    long_input: str = _opt(
+        "reject",
+        "longer texts: 'reject' (HTTP 400) or 'truncate'",
+        choices=LONG_INPUT_POLICIES,
+    )
+    batching: bool = _opt(True, "dynamic batching of concurrent requests")
+    max_batch_size: int = _opt(64, "most texts per encoder call")
+    max_wait_ms: float = _opt(5.0, "how long a batch waits for more requests (ms)")
+    max_k: int = _opt(1000, "largest k accepted by /v1/search")
+    tune_queries: int = _opt(200, "corpus rows used as queries when tuning for a target recall")
+    log_level: str = _opt("warning", "uvicorn log level")
+
+    def __post_init__(self) -> None:
+        for name in ("max_inputs", "max_input_chars", "max_batch_size", "max_k", "tune_queries"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("port", self.port, 0)
+        if self.max_input_tokens is not None:
+            _check_int("max_input_tokens", self.max_input_tokens, 3)
+        if self.long_input not in LONG_INPUT_POLICIES:
+            raise ValueError(
+                f"long_input={self.long_input!r} is not a policy: use 'reject' or 'truncate'."
+            )
+        if isinstance(self.max_wait_ms, bool) or not (
+            isinstance(self.max_wait_ms, int | float) and 0 <= self.max_wait_ms <= 10_000
+        ):
+            raise ValueError(
+                f"max_wait_ms={self.max_wait_ms!r} must be a number of milliseconds in "
+                "[0, 10000], e.g. 5."
+            )
+        self.aliases = tuple(self.aliases)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is an int (not a bool) ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} must be an int >= {low}.")
