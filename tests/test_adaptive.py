@@ -22,13 +22,13 @@ from matryoshka.cascade import (
 from matryoshka.retrieval.funnel import (
     FunnelRetriever,
     FunnelSpec,
-    FunnelTuner,
     check_chain,
     open_corpus,
     recall_vs_reference,
     rerank_candidates,
 )
 from matryoshka.retrieval.index import NO_SCORE, VectorIndex, make_index
+from matryoshka.retrieval.tuner import FunnelTuner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -289,6 +289,14 @@ def test_tuner_meets_the_target_with_the_fastest_measured_config() -> None:
     assert recall_vs_reference(ids, ref_i) == pytest.approx(tuner.best_recall_)
     assert tuner.best_spec_ == tuner.best_.spec_
     assert list(tuner.best_spec_.rerank or ()) == tuner.best_params_["rerank"]
+
+
+def test_tuner_keeps_its_old_import_path() -> None:
+    from matryoshka.retrieval import funnel
+
+    assert funnel.FunnelTuner is FunnelTuner
+    with pytest.raises(AttributeError, match=r"has no attribute 'FunnelTunr'"):
+        _ = funnel.FunnelTunr
 
 
 def test_tuner_warns_when_target_is_out_of_reach() -> None:

@@ -8,35 +8,30 @@ corpus need not be held in RAM twice: only the short-prefix index lives in memor
 
 :class:`FunnelSpec` is the one funnel specification (validated once against the corpus dimension;
 its ``keeps(k)`` is the one keep-count rule) and :func:`rerank_candidates` the one rerank kernel;
-the database funnels of :mod:`matryoshka.retrieval.vectordb` use both. :class:`FunnelTuner` picks
-``(m_s, k', chain)`` for a target recall@k against exact full-size search with the highest
-throughput measured on held-out queries.
+the database funnels of :mod:`matryoshka.retrieval.vectordb` use both. :class:`~matryoshka.retrieval.tuner.FunnelTuner`
+(in :mod:`matryoshka.retrieval.tuner`, still importable from here) picks ``(m_s, k', chain)`` for
+a target recall@k against exact full-size search with the highest throughput measured on
+held-out queries.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from matryoshka.ops import truncate_numpy
 from matryoshka.retrieval.checks import positive_int
-from matryoshka.retrieval.index import (
-    NO_SCORE,
-    ExactIndex,
-    VectorIndex,
-    add_in_chunks,
-    make_index,
-)
+from matryoshka.retrieval.index import NO_SCORE, VectorIndex, add_in_chunks, make_index
+
+if TYPE_CHECKING:
+    from matryoshka.retrieval.tuner import FunnelTuner
 
 __all__ = [
     "FunnelRetriever",
@@ -47,6 +42,14 @@ __all__ = [
     "recall_vs_reference",
     "rerank_candidates",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FunnelTuner":  # its home is matryoshka.retrieval.tuner; kept importable from here
+        from matryoshka.retrieval.tuner import FunnelTuner
+
+        return FunnelTuner
+    raise AttributeError(f"module 'matryoshka.retrieval.funnel' has no attribute {name!r}")
 
 
 def open_corpus(corpus: np.ndarray | str | os.PathLike[str]) -> np.ndarray:
@@ -123,7 +126,7 @@ class FunnelSpec:
     """One funnel: shortlist ``k'`` at prefix size ``m_s``, then rerank through a size chain.
 
     The single home of the funnel's rules, shared by :class:`FunnelRetriever`,
-    :class:`FunnelTuner` and the database funnels (:mod:`matryoshka.retrieval.vectordb`):
+    :class:`~matryoshka.retrieval.tuner.FunnelTuner` and the database funnels (:mod:`matryoshka.retrieval.vectordb`):
     :meth:`validate` checks the sizes against the corpus dimension ``d`` once, :meth:`keeps` gives
     the candidates entering each stage for a given ``k``.
 
@@ -135,6 +138,8 @@ class FunnelSpec:
         keep: candidates kept after each stage but the last (``len(rerank) - 1`` counts,
             non-increasing, each in ``[k, k']``); ``None`` interpolates geometrically from ``k'``
             to ``k``.
+
+    Frozen; a validated spec holds only ints and tuples, so it is hashable (a cache key).
     """
 
     shortlist_size: int
@@ -433,166 +438,3 @@ class FunnelRetriever:
             f"FunnelRetriever(shortlist_size={self.shortlist_size}, shortlist_k={self.shortlist_k},"
             f" rerank={self.rerank}, keep={self.keep}, backend={self.backend!r})"
         )
-
-
-def _timed_search(
-    search: Any, queries: np.ndarray, k: int, repeats: int
-) -> tuple[np.ndarray, float]:
-    """Run ``search(queries, k)`` ``repeats`` times; the ids and the best queries/s."""
-    best = float("inf")
-    ids = np.empty(0)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _, ids = search(queries, k)
-        best = min(best, time.perf_counter() - t0)
-    return ids, queries.shape[0] / best
-
-
-class FunnelTuner:
-    """Pick ``(m_s, k', chain)`` reaching a target recall@k at the highest measured throughput.
-
-    For every shortlist size and rerank chain, ``k'`` grows through ``shortlist_ks`` until the
-    recall@k against exact full-size search (on the held-out ``queries`` given to ``fit``) reaches
-    ``target_recall``; each such configuration's queries/s is measured, and the fastest one that
-    meets the target wins. Larger ``k'`` for the same ``(m_s, chain)`` is never faster, so it is
-    not measured.
-
-    Args:
-        target_recall: recall@k to reach, in ``(0, 1]``.
-        k: the ``k`` of recall@k.
-        shortlist_sizes: candidate ``m_s`` (each ``<= d``).
-        shortlist_ks: candidate ``k'``, increasing (each ``>= k``).
-        chains: candidate rerank chains; ``None`` gives ``[(d,)]`` plus ``(4·m_s, d)`` where
-            ``4·m_s < d``.
-        backend, index_params, normalize: for the shortlist index (see :class:`FunnelRetriever`).
-        repeats: timed runs per configuration (the best is kept).
-
-    After ``fit(corpus, queries)``: ``best_`` (a fitted :class:`FunnelRetriever`), ``best_spec_``
-    (its validated :class:`FunnelSpec`), ``best_params_``,
-    ``best_recall_``, ``best_qps_``, ``reference_qps_`` (exact full-size search), ``target_met_``
-    and ``results_`` (one dict per measured configuration).
-    """
-
-    def __init__(
-        self,
-        target_recall: float = 0.99,
-        k: int = 10,
-        shortlist_sizes: Sequence[int] = (16, 32, 64, 128),
-        shortlist_ks: Sequence[int] = (20, 50, 100, 200, 400, 800),
-        chains: Sequence[Sequence[int]] | None = None,
-        *,
-        backend: str = "exact",
-        index_params: dict[str, Any] | None = None,
-        normalize: bool = True,
-        repeats: int = 2,
-    ) -> None:
-        self.target_recall = target_recall
-        self.k = k
-        self.shortlist_sizes = shortlist_sizes
-        self.shortlist_ks = shortlist_ks
-        self.chains = chains
-        self.backend = backend
-        self.index_params = index_params
-        self.normalize = normalize
-        self.repeats = repeats
-
-    def _chains(self, m_s: int, d: int) -> list[tuple[int, ...]]:
-        """The rerank chains tried with shortlist size ``m_s``."""
-        if self.chains is None:
-            return [(d,)] + ([(4 * m_s, d)] if 4 * m_s < d else [])
-        return [tuple(chain) for chain in self.chains]
-
-    def _validate(self, d: int) -> None:
-        if not 0.0 < float(self.target_recall) <= 1.0:
-            raise ValueError(f"target_recall={self.target_recall!r} must be in (0, 1].")
-        positive_int(self.k, "k")
-        bad = [m for m in self.shortlist_sizes if not 1 <= m <= d]
-        if not self.shortlist_sizes or bad:
-            raise ValueError(
-                f"shortlist_sizes={list(self.shortlist_sizes)} must be non-empty sizes in "
-                f"[1, {d}] (the corpus dimension)."
-            )
-        ks = list(self.shortlist_ks)
-        if not ks or ks != sorted(ks) or ks[0] < self.k:
-            raise ValueError(
-                f"shortlist_ks={ks} must be non-empty, increasing and each >= k={self.k}."
-            )
-        for m_s in self.shortlist_sizes:  # every funnel of the grid is valid before timing any
-            for chain in self._chains(m_s, d):
-                FunnelSpec(m_s, int(ks[0]), chain).validate(d)
-
-    def _measure(
-        self, arr: np.ndarray, q: np.ndarray, ref_ids: np.ndarray
-    ) -> Iterator[tuple[dict[str, Any], FunnelRetriever]]:
-        """Each measured configuration's result row and fitted retriever. For every ``(m_s,
-        chain)``, ``k'`` grows until the target is met; one shortlist index per ``m_s``."""
-        n, d = arr.shape
-        for m_s in tqdm(list(self.shortlist_sizes), desc="tune m_s", leave=False):
-            index: VectorIndex | None = None
-            for chain in self._chains(m_s, d):
-                for kp in self.shortlist_ks:
-                    if kp > n:
-                        break
-                    fr = FunnelRetriever(
-                        m_s,
-                        int(kp),
-                        chain,
-                        backend=self.backend,
-                        index_params=self.index_params,
-                        index=index,
-                        normalize=self.normalize,
-                    ).fit(arr)
-                    index = fr.index_
-                    ids, qps = _timed_search(fr.search, q, self.k, self.repeats)
-                    rec = recall_vs_reference(ids, ref_ids)
-                    row = {
-                        "shortlist_size": m_s,
-                        "shortlist_k": int(kp),
-                        "rerank": list(fr.chain_),
-                        "recall": rec,
-                        "qps": qps,
-                    }
-                    yield row, fr
-                    if rec >= self.target_recall:
-                        break
-
-    def fit(self, corpus: np.ndarray | str | os.PathLike[str], queries: Any) -> FunnelTuner:
-        """Measure every configuration on held-out ``(Q, d)`` queries; set ``best_`` etc."""
-        arr = open_corpus(corpus)
-        d = arr.shape[1]
-        self._validate(d)
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != d or q.shape[0] == 0:
-            raise ValueError(f"queries.shape={q.shape}: pass (Q, {d}) held-out query embeddings.")
-        if self.shortlist_ks[0] > arr.shape[0]:
-            raise ValueError(
-                f"shortlist_ks={list(self.shortlist_ks)} exceed the corpus size {arr.shape[0]}: "
-                f"use shortlist sizes k' <= {arr.shape[0]}."
-            )
-        ref = add_in_chunks(ExactIndex(d, normalize=self.normalize), arr)
-        ref_ids, self.reference_qps_ = _timed_search(ref.search, q, self.k, self.repeats)
-        del ref
-        results: list[dict[str, Any]] = []
-        best: tuple[float, dict[str, Any], FunnelRetriever] | None = None
-        fallback: tuple[float, dict[str, Any], FunnelRetriever] | None = None
-        for row, fr in self._measure(arr, q, ref_ids):
-            results.append(row)
-            if fallback is None or row["recall"] > fallback[1]["recall"]:
-                fallback = (row["qps"], row, fr)
-            if row["recall"] >= self.target_recall and (best is None or row["qps"] > best[0]):
-                best = (row["qps"], row, fr)
-        self.results_ = results
-        self.target_met_ = best is not None
-        if best is None:
-            assert fallback is not None  # at least one configuration ran: shortlist_ks[0] >= k
-            warnings.warn(
-                f"no configuration reached target_recall={self.target_recall} (best recall "
-                f"{fallback[1]['recall']:.4f}): best_ is the most accurate one; try larger "
-                f"shortlist_ks or shortlist_sizes.",
-                stacklevel=2,
-            )
-            best = fallback
-        self.best_qps_, self.best_params_, self.best_ = best
-        self.best_spec_ = self.best_.spec_
-        self.best_recall_ = float(self.best_params_["recall"])
-        return self
