@@ -1,10 +1,70 @@
-"""Helpers shared by several test modules (fixtures live in conftest.py)."""
+"""Helpers shared by test modules (fixtures live in conftest.py): synthetic clustered embeddings,
+an in-process ``mrl`` run, a seconds-long training config."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal, overload
+
+import numpy as np
 
 from matryoshka.training.config import TrainConfig
+
+__all__ = ["clustered", "run_cli", "tiny_train_config"]
+
+
+@overload
+def clustered(
+    n: int,
+    d: int,
+    seed: int = ...,
+    n_clusters: int = ...,
+    noise: float = ...,
+    *,
+    return_labels: Literal[False] = ...,
+) -> np.ndarray: ...
+
+
+@overload
+def clustered(
+    n: int,
+    d: int,
+    seed: int = ...,
+    n_clusters: int = ...,
+    noise: float = ...,
+    *,
+    return_labels: Literal[True],
+) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def clustered(
+    n: int,
+    d: int,
+    seed: int = 0,
+    n_clusters: int = 40,
+    noise: float = 0.35,
+    *,
+    return_labels: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """``(n, d)`` float32 points around ``n_clusters`` random standard-normal centres, plus
+    ``noise``-scaled Gaussian noise: real-like structure (graph indexes and ANN recall need it).
+
+    Draws, from ``np.random.default_rng(seed)``: the ``(n_clusters, d)`` centres, the ``(n,)``
+    cluster labels, then the ``(n, d)`` noise, in that order, so a caller's data depends only on
+    these arguments. ``return_labels=True`` also returns the ``(n,)`` int64 labels.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, d))
+    labels = rng.integers(0, n_clusters, n)
+    x = (centres[labels] + noise * rng.standard_normal((n, d))).astype(np.float32)
+    return (x, labels) if return_labels else x
+
+
+def run_cli(argv: Sequence[str]) -> int:
+    """Run ``mrl ARGV...`` in this process through the real entry point; its exit status."""
+    from matryoshka.cli import main
+
+    return main(list(argv))
 
 
 def tiny_train_config(**overrides: Any) -> TrainConfig:

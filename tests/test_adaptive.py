@@ -21,11 +21,14 @@ from matryoshka.cascade import (
 )
 from matryoshka.retrieval.funnel import (
     FunnelRetriever,
-    FunnelTuner,
+    FunnelSpec,
+    check_chain,
     open_corpus,
     recall_vs_reference,
+    rerank_candidates,
 )
-from matryoshka.retrieval.index import make_index
+from matryoshka.retrieval.index import NO_SCORE, VectorIndex, make_index
+from matryoshka.retrieval.tuner import FunnelTuner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,6 +151,125 @@ def test_funnel_errors() -> None:
         recall_vs_reference(np.zeros((2, 3)), np.zeros((3, 3)))
 
 
+def test_spec_validate_gives_the_canonical_funnel() -> None:
+    spec = FunnelSpec(np.int64(8), 200, [16, 64], [50]).validate(D)  # type: ignore[arg-type]
+    assert spec == FunnelSpec(8, 200, (16, 64), (50,))
+    assert type(spec.shortlist_size) is int
+    assert spec.validate(D) == spec  # validating twice changes nothing
+    assert FunnelSpec(8, 200).validate(D).rerank == (D,)  # None: one stage at the full size
+    assert hash(spec) == hash(FunnelSpec(8, 200, (16, 64), (50,)))  # frozen: a cache key
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (FunnelSpec(0, 20), r"shortlist_size=0 must be an int in \[1, 64\] \(the corpus dim"),
+        (FunnelSpec(True, 20), r"shortlist_size=True must be an int in \[1, 64\]"),
+        (FunnelSpec(8, 0), r"shortlist_k=0 must be a positive int"),
+        (FunnelSpec(8, 20, ()), r"rerank=\(\) is empty: give a non-empty chain .* e.g. \(64,\)"),
+        (
+            FunnelSpec(8, 20, (16, 16)),
+            r"rerank=\[16, 16\] must be strictly increasing sizes in \[1, 64\]",
+        ),
+        (
+            FunnelSpec(8, 20, (16, 65)),
+            r"rerank=\[16, 65\] must be strictly .* e.g. \(64,\) or \(32, 64\)",
+        ),
+        (
+            FunnelSpec(8, 20, ("a",)),  # type: ignore[arg-type]
+            r"rerank=\('a',\) must be a sequence of int sizes",
+        ),
+        (FunnelSpec(8, 20, None, (5,)), r"keep=\[5\] has 1 counts but rerank=\(d,\) has 1 stages"),
+        (
+            FunnelSpec(8, 20, (16, 64), ("x",)),  # type: ignore[arg-type]
+            r"keep=\('x',\) must be a sequence of int counts",
+        ),
+    ],
+)
+def test_spec_validation_errors_name_parameter_value_and_fix(
+    spec: FunnelSpec, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        spec.validate(D)
+
+
+def test_spec_keeps_is_the_strict_keep_rule() -> None:
+    spec = FunnelSpec(8, 200, (16, 32, 64)).validate(D)
+    geometric = tuple(round(200 * (10 / 200) ** (i / 3)) for i in (1, 2))
+    assert spec.keeps(10) == (200, *geometric, 10)
+    assert spec.keeps(200) == (200, 200, 200, 200)  # k = k': nothing to narrow
+    assert FunnelSpec(8, 200, (16, 64), (40,)).keeps(10) == (200, 40, 10)
+    assert FunnelSpec(8, 200, (16, 64), (40,)).rerank_bytes_per_query(10) == 4 * (
+        200 * 16 + 40 * 64
+    )
+    with pytest.raises(
+        ValueError, match=r"k=201 is larger than shortlist_k=200: .* set shortlist_k >= k"
+    ):
+        spec.keeps(201)  # never clamped to a widening funnel
+    with pytest.raises(ValueError, match=r"k=0 must be a positive int"):
+        spec.keeps(0)
+    with pytest.raises(
+        ValueError, match=r"keep=\[5\] must decrease from shortlist_k=200 down to k=10"
+    ):
+        FunnelSpec(8, 200, (16, 64), (5,)).keeps(10)  # below k
+    with pytest.raises(
+        ValueError, match=r"keep=\[50, 60\] must decrease .* the funnel only narrows"
+    ):
+        FunnelSpec(8, 200, (16, 32, 64), (50, 60)).keeps(10)  # widening between stages
+    with pytest.raises(
+        ValueError, match=r"rerank=None is not resolved yet: call spec.validate\(dim\)"
+    ):
+        FunnelSpec(8, 200).rerank_bytes_per_query(10)
+
+
+def test_check_chain_min_size_for_stricter_callers() -> None:
+    assert check_chain([32, 64], D, min_size=16) == (32, 64)
+    with pytest.raises(
+        ValueError, match=r"rerank_sizes=\[8, 64\] must be strictly increasing sizes in \[16, 64\]"
+    ):
+        check_chain([8, 64], D, "rerank_sizes", min_size=16)
+
+
+def test_rerank_kernel_over_every_row_equals_exact_search() -> None:
+    """k' = N candidates (in shuffled order, padded with -1) reranked at the full size."""
+    ref_s, ref_i = exact_full()
+    rng = np.random.default_rng(0)
+    cand = np.stack([rng.permutation(CORPUS.shape[0]) for _ in range(QUERIES.shape[0])])
+    cand = np.concatenate([cand, np.full((QUERIES.shape[0], 3), -1)], axis=1)  # (Q, N + 3)
+    c = cand.shape[1]
+    scores, ids = rerank_candidates(QUERIES, cand, CORPUS, (16, D), (c, c, 10), batch_size=7)
+    assert scores.dtype == np.float32
+    assert ids.dtype == np.int64
+    np.testing.assert_array_equal(ids, ref_i)
+    np.testing.assert_allclose(scores, ref_s, atol=1e-5)
+    # fewer candidates than k: FAISS padding
+    few = np.array([[3, -1, 5]])
+    scores, ids = rerank_candidates(QUERIES[:1], few, CORPUS, (D,), (3, 4))
+    assert sorted(ids[0, :2].tolist()) == [3, 5]
+    assert ids[0, 2:].tolist() == [-1, -1]
+    assert np.all(scores[0, 2:] == NO_SCORE)
+    with pytest.raises(
+        ValueError, match=r"keeps=\[3\] has 1 counts but rerank=\[64\] has 1 stages"
+    ):
+        rerank_candidates(QUERIES[:1], few, CORPUS, (D,), (3,))
+
+
+def test_funnel_is_an_index() -> None:
+    """A fitted funnel answers like a VectorIndex: dim, ntotal, normalize, search(q, k)."""
+    index = make_index("exact", D).add(CORPUS)
+    fr = FunnelRetriever.from_spec(FunnelSpec(8, CORPUS.shape[0], (16, D))).fit(CORPUS)
+    assert fr.spec_ == FunnelSpec(8, CORPUS.shape[0], (16, D)).validate(D)
+    answers = []
+    for searcher in (index, fr):
+        assert (searcher.dim, searcher.ntotal, searcher.normalize) == (D, 4000, True)
+        answers.append(searcher.search(QUERIES[0], 10))  # one (d,) query -> (1, k)
+    assert answers[0][1].shape == answers[1][1].shape == (1, 10)
+    np.testing.assert_array_equal(answers[0][1], answers[1][1])
+    assert isinstance(index, VectorIndex)
+    with pytest.raises(RuntimeError, match=r"not fitted yet"):
+        _ = FunnelRetriever(8, 20).dim
+
+
 def test_recall_vs_reference_counts_overlap() -> None:
     ids = np.array([[1, 2, 3], [4, -1, -1]])
     ref = np.array([[3, 2, 9], [4, 5, 6]])
@@ -165,6 +287,16 @@ def test_tuner_meets_the_target_with_the_fastest_measured_config() -> None:
     _, ref_i = exact_full()
     _, ids = tuner.best_.search(QUERIES, 10)
     assert recall_vs_reference(ids, ref_i) == pytest.approx(tuner.best_recall_)
+    assert tuner.best_spec_ == tuner.best_.spec_
+    assert list(tuner.best_spec_.rerank or ()) == tuner.best_params_["rerank"]
+
+
+def test_tuner_keeps_its_old_import_path() -> None:
+    from matryoshka.retrieval import funnel
+
+    assert funnel.FunnelTuner is FunnelTuner
+    with pytest.raises(AttributeError, match=r"has no attribute 'FunnelTunr'"):
+        _ = funnel.FunnelTunr
 
 
 def test_tuner_warns_when_target_is_out_of_reach() -> None:
@@ -183,6 +315,8 @@ def test_tuner_errors() -> None:
         FunnelTuner(0.9, 10, shortlist_sizes=(128,)).fit(CORPUS, QUERIES)
     with pytest.raises(ValueError, match=r"queries.shape=\(80, 8\)"):
         FunnelTuner(0.9, 10, shortlist_sizes=(8,)).fit(CORPUS, QUERIES[:, :8])
+    with pytest.raises(ValueError, match=r"rerank=\[32, 16\] must be strictly increasing"):
+        FunnelTuner(0.9, 10, shortlist_sizes=(8,), chains=[(32, 16)]).fit(CORPUS, QUERIES)
     with pytest.raises(ValueError, match=r"shortlist_ks=\[5000\] exceed the corpus size 4000"):
         FunnelTuner(0.9, 10, shortlist_sizes=(8,), shortlist_ks=(5000,)).fit(CORPUS, QUERIES)
 

@@ -14,20 +14,14 @@ from matryoshka.retrieval.index import (
     ExactIndex,
     FaissIndex,
     VectorIndex,
+    add_in_chunks,
     import_faiss,
     load_index,
     make_index,
 )
+from tests.helpers import clustered, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def clustered(n: int, d: int, seed: int, n_clusters: int = 40, noise: float = 0.35) -> np.ndarray:
-    """``(n, d)`` float32 points around random centres (real-like structure for graph indexes)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_clusters, d))
-    x = centres[rng.integers(0, n_clusters, n)] + noise * rng.standard_normal((n, d))
-    return x.astype(np.float32)
 
 
 def naive_search(x: np.ndarray, q: np.ndarray, m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -214,15 +208,23 @@ def test_single_vector_query_and_empty_batch() -> None:
     assert s0.shape == i0.shape == (0, 4)
 
 
-def _cli(argv: list[str]) -> int:
-    import argparse
+def test_add_in_chunks_equals_one_add(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", X)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")  # the chunks are read from the map
+    chunked = add_in_chunks(make_index("exact", 16), mapped, step=700, progress=True)
+    assert isinstance(chunked, ExactIndex)
+    assert chunked.ntotal == 3000
+    one = ExactIndex(16)
+    one.add(X)
+    np.testing.assert_array_equal(chunked.vectors, one.vectors)
 
-    from matryoshka.cli.retrieval import register
 
-    parser = argparse.ArgumentParser(prog="mrl")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+def test_add_in_chunks_trains_ivf_on_a_full_first_chunk() -> None:
+    # a 10-row step would train IVF on 10 vectors (< nlist): the step is raised to nlist
+    index = add_in_chunks(make_index("faiss-ivf", 8, nlist=50), X, step=10)
+    assert index.ntotal == 3000
+    with pytest.raises(ValueError, match=r"step=0 must be a positive int"):
+        add_in_chunks(make_index("exact", 8), X, step=0)
 
 
 def test_cli_build_and_search_match_the_library(tmp_path: Path) -> None:
@@ -230,15 +232,15 @@ def test_cli_build_and_search_match_the_library(tmp_path: Path) -> None:
     np.save(tmp_path / "q.npy", Q)
     idx = tmp_path / "x.index"
     argv = ["index", "build", str(tmp_path / "x.npy"), "--dim", "16", "--model-name", "toy"]
-    assert _cli([*argv, "--out", str(idx), "--quiet"]) == 0
+    assert run_cli([*argv, "--out", str(idx), "--quiet"]) == 0
     out = tmp_path / "hits.npz"
-    assert _cli(["search", "--index", str(idx), "--queries", str(tmp_path / "q.npy"),
+    assert run_cli(["search", "--index", str(idx), "--queries", str(tmp_path / "q.npy"),
                  "--k", "5", "--out", str(out), "--model-name", "toy"]) == 0  # fmt: skip
     hits = np.load(out)
     _, ref = naive_search(X, Q, 16, 5)
     np.testing.assert_array_equal(hits["ids"], ref)
     # funnel through the CLI: k' = N reranked at the full size equals exact full-size search
-    assert _cli(["search", "--index", str(idx), "--queries", str(tmp_path / "q.npy"), "--k", "5",
+    assert run_cli(["search", "--index", str(idx), "--queries", str(tmp_path / "q.npy"), "--k", "5",
                  "--funnel-corpus", str(tmp_path / "x.npy"), "--shortlist-k", "3000",
                  "--out", str(out)]) == 0  # fmt: skip
     np.testing.assert_array_equal(np.load(out)["ids"], naive_search(X, Q, 48, 5)[1])
@@ -247,13 +249,13 @@ def test_cli_build_and_search_match_the_library(tmp_path: Path) -> None:
 def test_cli_errors_exit_2_with_the_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _cli(["index", "build", str(tmp_path / "none.npy")]) == 2
+    assert run_cli(["index", "build", str(tmp_path / "none.npy")]) == 2
     assert "embeddings=" in capsys.readouterr().err
     np.save(tmp_path / "x.npy", X)
     idx = tmp_path / "x.index"
-    assert _cli(["index", "build", str(tmp_path / "x.npy"), "--model-name", "a", "--out", str(idx),
+    assert run_cli(["index", "build", str(tmp_path / "x.npy"), "--model-name", "a", "--out", str(idx),
                  "--quiet"]) == 0  # fmt: skip
-    assert _cli(["search", "--index", str(idx), "--model-name", "b"]) == 2
+    assert run_cli(["search", "--index", str(idx), "--model-name", "b"]) == 2
     assert "built from model 'a'" in capsys.readouterr().err
-    assert _cli(["search", "--index", str(idx)]) == 2
+    assert run_cli(["search", "--index", str(idx)]) == 2
     assert "pass --queries Q.npy (batch) or --interactive" in capsys.readouterr().err

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from matryoshka.retrieval.funnel import FunnelRetriever, recall_vs_reference
+from matryoshka.retrieval.funnel import FunnelRetriever, FunnelSpec, recall_vs_reference
 from matryoshka.retrieval.index import NO_SCORE, ExactIndex
 from matryoshka.retrieval.vectordb import DatabaseFunnel, open_vectordb
+from tests.helpers import run_cli
 
 N, D, M_S = 1200, 64, 16
 
@@ -153,6 +154,36 @@ def test_single_query_and_k_above_count(
         assert sorted(ids[0, :3].tolist()) == [0, 1, 2]
         assert ids[0, 3:].tolist() == [-1, -1]
         store.drop()
+
+
+def test_store_funnel_is_the_shared_spec(
+    corpus_store: DatabaseFunnel,
+    data: tuple[np.ndarray, np.ndarray],
+    exact: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """The store's funnel is a FunnelSpec: the same validation and keep rule as FunnelRetriever,
+    and an explicit keep that never narrows below N until the last stage is still exact."""
+    x, q = data
+    try:
+        corpus_store.shortlist_k, corpus_store.rerank, corpus_store.keep = N, [32, D], [N]
+        assert corpus_store.spec == FunnelSpec(M_S, N, (32, D), (N,)).validate(D)
+        fr = FunnelRetriever(M_S, N, (32, D), keep=(N,)).fit(x)
+        assert corpus_store.keeps(10) == fr.keeps(10) == (N, N, 10)
+        scores, ids = corpus_store.search(q, 10)
+        np.testing.assert_array_equal(ids, exact[1])
+        np.testing.assert_allclose(scores, exact[0], atol=1e-5)
+        corpus_store.keep = (5,)
+        with pytest.raises(ValueError, match=r"keep=\[5\] must decrease from shortlist_k=1200"):
+            corpus_store.search(q, 10)
+        corpus_store.keep = (50, 20)
+        with pytest.raises(ValueError, match=r"keep=\[50, 20\] has 2 counts but rerank=\[32, 64\]"):
+            corpus_store.search(q, 10)
+        corpus_store.keep, corpus_store.shortlist_k = None, 5
+        # the store used to clamp here (a funnel widening to (5, 10, 10)); now the funnel's error
+        with pytest.raises(ValueError, match=r"k=10 is larger than shortlist_k=5: .*>= k"):
+            corpus_store.keeps(10)
+    finally:
+        corpus_store.shortlist_k, corpus_store.rerank, corpus_store.keep = 100, None, None
 
 
 # -- upsert, delete, reopen ----------------------------------------------------------------------
@@ -307,17 +338,6 @@ def test_missing_driver_names_the_extra(
 
 
 # -- CLI -----------------------------------------------------------------------------------------
-def _cli(argv: list[str]) -> int:
-    import argparse
-
-    from matryoshka.cli.retrieval import register
-
-    parser = argparse.ArgumentParser(prog="mrl")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
 @pytest.mark.parametrize("backend", ["pgvector", "milvus"])
 def test_cli_build_and_search(
     request: pytest.FixtureRequest,
@@ -333,17 +353,17 @@ def test_cli_build_and_search(
     np.save(tmp_path / "q.npy", q)
     db = ["--backend", backend, "--uri", uri, "--collection", "cli_corpus"]
     build = ["index", "build", str(tmp_path / "x.npy"), "--dim", str(M_S), "--quiet"]
-    assert _cli([*build, *db, "--model-name", "cli-model"]) == 0
+    assert run_cli([*build, *db, "--model-name", "cli-model"]) == 0
     out = tmp_path / "hits.npz"
     search = ["search", "--queries", str(tmp_path / "q.npy"), "--k", "10", "--out", str(out)]
-    assert _cli([*search, *db, "--shortlist-k", str(N), "--rerank", "32", str(D)]) == 0
+    assert run_cli([*search, *db, "--shortlist-k", str(N), "--rerank", "32", str(D)]) == 0
     np.testing.assert_array_equal(np.load(out)["ids"], exact[1])
     capsys.readouterr()
-    assert _cli([*search, *db, "--model-name", "other"]) == 2
+    assert run_cli([*search, *db, "--model-name", "other"]) == 2
     assert "holds embeddings of model 'cli-model'" in capsys.readouterr().err
-    assert _cli([*build, *db, "--model-name", "cli-model"]) == 2  # ids 0.. already there
+    assert run_cli([*build, *db, "--model-name", "cli-model"]) == 2  # ids 0.. already there
     assert "use upsert" in capsys.readouterr().err
-    assert _cli([*search, "--backend", backend]) == 2
+    assert run_cli([*search, "--backend", backend]) == 2
     assert "needs --uri" in capsys.readouterr().err
     with open_vectordb(backend, uri, "cli_corpus") as store:
         store.drop()

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from matryoshka.cli.args import add_deprecated_alias, fail
-from matryoshka.retrieval.index import BACKENDS, load_index, make_index
+from matryoshka.retrieval.index import BACKENDS, add_in_chunks, load_index, make_index
 
 DB_BACKENDS = (
     "milvus",
@@ -110,9 +109,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         index = make_index(
             args.backend, dim, model_name=args.model_name, normalize=args.normalize, **params
         )
-        step = max(args.batch_size, index.params().get("nlist") or 0)
-        for s in tqdm(range(0, x.shape[0], step), desc="index build", disable=not args.progress):
-            index.add(x[s : s + step])
+        add_in_chunks(index, x, step=args.batch_size, progress=args.progress, desc="index build")
         out = index.save(args.out or Path(args.embeddings).with_suffix(f".m{dim}.index"))
     except (ValueError, FileNotFoundError, ImportError) as e:
         return fail(str(e))

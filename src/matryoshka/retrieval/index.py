@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from matryoshka._validate import positive_int
 from matryoshka.io import atomic_write_bytes
 from matryoshka.ops import truncate_numpy
 
@@ -40,6 +42,7 @@ __all__ = [
     "ExactIndex",
     "FaissIndex",
     "VectorIndex",
+    "add_in_chunks",
     "import_faiss",
     "load_index",
     "make_index",
@@ -49,6 +52,7 @@ BACKENDS = ("exact", "faiss-flat", "faiss-hnsw", "faiss-ivf")
 FORMAT = "matryoshka-index"
 FORMAT_VERSION = 1
 _META_KEY = "matryoshka_index"
+CHUNK_ROWS = 65536  # rows added at a time by add_in_chunks: bounds the float32 copy of a chunk
 NO_SCORE = float(-np.finfo(np.float32).max)  # FAISS's score for a missing result (inner product)
 
 
@@ -62,12 +66,6 @@ def import_faiss() -> Any:
             "pip install 'matryoshka[faiss]' (or pip install faiss-cpu), or use backend='exact'."
         ) from e
     return faiss
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int.")
-    return int(value)
 
 
 def _as_matrix(x: Any, dim: int, name: str) -> np.ndarray:
@@ -107,7 +105,7 @@ class VectorIndex(ABC):
     backend: str = ""
 
     def __init__(self, dim: int, *, model_name: str = "unknown", normalize: bool = True) -> None:
-        self.dim = _check_positive_int(dim, "dim")
+        self.dim = positive_int(dim, "dim")
         if not isinstance(model_name, str) or not model_name:
             raise ValueError(f"model_name={model_name!r} must be a non-empty string.")
         self.model_name = model_name
@@ -155,7 +153,7 @@ class VectorIndex(ABC):
 
         Best first; where fewer than ``k`` vectors are found, ids are ``-1`` and scores ``-FLT_MAX``.
         """
-        k = _check_positive_int(k, "k")
+        k = positive_int(k, "k")
         q = self.prepare(queries, "queries")
         if self.ntotal == 0:
             raise ValueError(
@@ -225,7 +223,7 @@ class ExactIndex(VectorIndex):
         if engine not in ("torch", "numpy"):
             raise ValueError(f"engine={engine!r} is not supported: use 'torch' or 'numpy'.")
         self.engine = engine
-        self.memory_limit = _check_positive_int(memory_limit, "memory_limit")
+        self.memory_limit = positive_int(memory_limit, "memory_limit")
         self._chunks: list[np.ndarray] = []
         self._x = np.empty((0, self.dim), np.float32)
 
@@ -339,11 +337,11 @@ class FaissIndex(VectorIndex):
             raise ValueError(f"kind={kind!r} is not a FAISS backend: use 'flat', 'hnsw' or 'ivf'.")
         self.kind = kind
         self.backend = f"faiss-{kind}"
-        self.hnsw_m = _check_positive_int(hnsw_m, "hnsw_m")
-        self.ef_construction = _check_positive_int(ef_construction, "ef_construction")
-        self.ef_search = _check_positive_int(ef_search, "ef_search")
-        self.nlist = None if nlist is None else _check_positive_int(nlist, "nlist")
-        self.nprobe = _check_positive_int(nprobe, "nprobe")
+        self.hnsw_m = positive_int(hnsw_m, "hnsw_m")
+        self.ef_construction = positive_int(ef_construction, "ef_construction")
+        self.ef_search = positive_int(ef_search, "ef_search")
+        self.nlist = None if nlist is None else positive_int(nlist, "nlist")
+        self.nprobe = positive_int(nprobe, "nprobe")
         self._faiss = import_faiss()
         self._index: Any = None if kind == "ivf" else self._new_index()
 
@@ -434,6 +432,28 @@ def make_index(
         kind = backend.removeprefix("faiss-")
         return FaissIndex(dim, kind=kind, model_name=model_name, normalize=normalize, **params)
     raise ValueError(f"backend={backend!r} is not known: use one of {list(BACKENDS)}.")
+
+
+def add_in_chunks(
+    index: VectorIndex,
+    x: np.ndarray,
+    *,
+    step: int = CHUNK_ROWS,
+    progress: bool = False,
+    desc: str = "index",
+) -> VectorIndex:
+    """Add the rows of ``x`` ``(N, D)`` (``D >= index.dim``; e.g. a memory-mapped ``.npy``) to
+    ``index`` ``step`` rows at a time, so only one chunk is ever copied to float32. Returns it.
+
+    An IVF index is trained on its first chunk, which must hold at least ``nlist`` vectors, so
+    ``step`` is raised to ``nlist`` when smaller. ``progress`` shows a bar labelled ``desc``.
+    """
+    step = positive_int(step, "step")
+    step = max(step, index.params().get("nlist") or 0)
+    n = int(np.shape(x)[0])
+    for s in tqdm(range(0, n, step), desc=desc, disable=not progress, leave=False):
+        index.add(x[s : s + step])
+    return index
 
 
 def _corrupt(path: Path, why: str) -> ValueError:

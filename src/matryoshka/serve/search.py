@@ -47,14 +47,13 @@ class SearchEngine:
         self._tuned: dict[tuple[float, int], tuple[Any, float]] = {}
 
     def _index(self, m: int) -> Any:
-        from matryoshka.retrieval.index import ExactIndex
+        from matryoshka.retrieval.index import ExactIndex, add_in_chunks
 
         with self._lock:
             idx = self._indexes.get(m)
         if idx is None:
             idx = ExactIndex(m, model_name=self.model_name)
-            for s in range(0, self.n, 65536):
-                idx.add(self.corpus[s : s + 65536])
+            add_in_chunks(idx, self.corpus)
             _ = idx.vectors  # merge the chunks now, not during a concurrent search
             with self._lock:
                 idx = self._indexes.setdefault(m, idx)
@@ -120,12 +119,9 @@ class SearchEngine:
             code="invalid_value",
         )
         try:
-            chain = check_chain(chain, self.dim, "rerank_sizes")
+            return check_chain(chain, self.dim, "rerank_sizes", min_size=shortlist_size)
         except ValueError as e:  # the library's message speaks Python; the client's is JSON
             raise problem from e
-        if chain[0] < shortlist_size:
-            raise problem
-        return chain
 
     def exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Exact full-size search: ``(d,) -> scores (k,), ids (k,)``, sizes used."""

@@ -7,7 +7,8 @@ every vector field before loading). The header is a collection property (JSON).
 
 A search sends the queries' short prefixes to the HNSW index on ``short_prefix`` and asks for the
 shortlisted items' ``embedding`` in the same request; the rerank chain then runs in the client
-(Milvus has no expression to score a prefix of a stored vector). The URI alone picks the
+(Milvus has no expression to score a prefix of a stored vector) with
+:func:`matryoshka.retrieval.funnel.rerank_candidates`, the kernel of the in-memory funnel. The URI alone picks the
 deployment: ``./corpus.db`` runs the embedded engine from ``milvus-lite``, ``http://host:19530``
 talks to a server or a cluster's proxy; nothing in this module depends on which.
 """
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from matryoshka.retrieval.vectordb import DatabaseFunnel, check_name, rerank_candidates
+from matryoshka.retrieval.funnel import FunnelSpec, rerank_candidates
+from matryoshka.retrieval.vectordb.base import DatabaseFunnel, check_name
 
 __all__ = ["MilvusFunnel"]
 
@@ -41,14 +43,27 @@ def _import() -> Any:
     return pymilvus
 
 
+def _shortlist_block(hits: Any, kp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One search response as a rerank block: the ``(n,)`` ids and ``(n, d)`` vectors of all
+    ``n`` hits, and ``(b, k')`` positions into them per query (``-1`` past a query's hits)."""
+    pos = np.full((len(hits), kp), -1, np.int64)
+    found: list[int] = []
+    rows: list[Any] = []
+    for j, row in enumerate(hits):
+        pos[j, : len(row)] = np.arange(len(found), len(found) + len(row))
+        found += [int(h["id"]) for h in row]
+        rows += [h["entity"]["embedding"] for h in row]
+    return np.asarray(found, np.int64), np.asarray(rows, np.float32), pos
+
+
 class MilvusFunnel(DatabaseFunnel):
     """A corpus in a Milvus collection, searched with the Matryoshka funnel.
 
     Args:
         uri: ``./corpus.db`` (Milvus Lite, embedded) or ``http://host:19530`` (server/cluster).
         collection: collection name (letters, digits, underscores).
-        dim, shortlist_size, model_name, normalize, shortlist_k, rerank, ef_search, batch_size,
-            progress: see :class:`matryoshka.retrieval.vectordb.DatabaseFunnel`.
+        dim, shortlist_size, model_name, normalize, shortlist_k, rerank, keep, ef_search,
+            batch_size, progress: see :class:`matryoshka.retrieval.vectordb.DatabaseFunnel`.
         hnsw_m, ef_construction: HNSW build parameters (``M``, ``efConstruction``), new collections.
         token: ``"user:password"`` or an API key for a secured server; ``db_name``: its database.
         timeout: seconds for connecting and for each request.
@@ -68,6 +83,7 @@ class MilvusFunnel(DatabaseFunnel):
         normalize: bool | None = None,
         shortlist_k: int = 200,
         rerank: Sequence[int] | None = None,
+        keep: Sequence[int] | None = None,
         ef_search: int = 100,
         hnsw_m: int = 16,
         ef_construction: int = 64,
@@ -80,7 +96,8 @@ class MilvusFunnel(DatabaseFunnel):
         self._pm = pymilvus = _import()
         self.uri = str(uri)
         self.name = check_name(collection, "collection")
-        self.shortlist_k, self.rerank, self.ef_search = shortlist_k, rerank, ef_search
+        self.shortlist_k, self.rerank, self.keep = shortlist_k, rerank, keep
+        self.ef_search = ef_search
         self.batch_size = int(batch_size)
         self.progress = progress
         self.timeout = timeout
@@ -196,13 +213,12 @@ class MilvusFunnel(DatabaseFunnel):
     def _search(
         self,
         q: np.ndarray,
-        k: int,
-        kp: int,
-        chain: tuple[int, ...],
+        spec: FunnelSpec,
         keeps: tuple[int, ...],
         scores: np.ndarray,
         ids: np.ndarray,
     ) -> None:
+        kp, chain = spec.shortlist_k, tuple(spec.rerank or (self.dim,))
         if kp > self.max_ann_k:
             raise ValueError(
                 f"shortlist_k={kp} is above Milvus' largest topk {self.max_ann_k}: use "
@@ -220,13 +236,14 @@ class MilvusFunnel(DatabaseFunnel):
                 search_params=params,
                 output_fields=["embedding"],
             )
-            for j, row in enumerate(hits, start=s):
-                if not len(row):
-                    continue
-                cand = np.fromiter((h["id"] for h in row), np.int64, len(row))  # (c,)
-                full = np.asarray([h["entity"]["embedding"] for h in row], np.float32)  # (c, d)
-                sc, top = rerank_candidates(self, q[j], cand, full, chain, keeps)
-                scores[j, : top.size], ids[j, : top.size] = sc, top
+            found, rows, pos = _shortlist_block(hits, kp)
+            if not found.size:
+                continue
+            sc, top = rerank_candidates(
+                q[s : s + batch], pos, rows, chain, keeps, normalize=self.normalize
+            )
+            scores[s : s + batch] = sc
+            ids[s : s + batch] = np.where(top >= 0, found[np.maximum(top, 0)], -1)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from matryoshka.retrieval.vectordb import DatabaseFunnel, check_name
+from matryoshka.retrieval.funnel import FunnelSpec
+from matryoshka.retrieval.vectordb.base import DatabaseFunnel, check_name
 
 __all__ = ["PgvectorFunnel"]
 
@@ -55,8 +56,8 @@ class PgvectorFunnel(DatabaseFunnel):
     Args:
         url: a libpq URL, e.g. ``postgresql://user:pass@host:5432/db``.
         table: table name (letters, digits, underscores).
-        dim, shortlist_size, model_name, normalize, shortlist_k, rerank, ef_search, batch_size,
-            progress: see :class:`matryoshka.retrieval.vectordb.DatabaseFunnel`.
+        dim, shortlist_size, model_name, normalize, shortlist_k, rerank, keep, ef_search,
+            batch_size, progress: see :class:`matryoshka.retrieval.vectordb.DatabaseFunnel`.
         hnsw_m, ef_construction: HNSW build parameters (``m``, ``ef_construction``), new tables.
         connect_timeout: seconds to wait for the server.
 
@@ -78,6 +79,7 @@ class PgvectorFunnel(DatabaseFunnel):
         normalize: bool | None = None,
         shortlist_k: int = 200,
         rerank: Sequence[int] | None = None,
+        keep: Sequence[int] | None = None,
         ef_search: int = 100,
         hnsw_m: int = 16,
         ef_construction: int = 64,
@@ -89,7 +91,8 @@ class PgvectorFunnel(DatabaseFunnel):
         self._psycopg = psycopg
         self.url = url
         self.name = check_name(table, "table")
-        self.shortlist_k, self.rerank, self.ef_search = shortlist_k, rerank, ef_search
+        self.shortlist_k, self.rerank, self.keep = shortlist_k, rerank, keep
+        self.ef_search = ef_search
         self.batch_size = int(batch_size)
         self.progress = progress
         try:
@@ -275,13 +278,12 @@ class PgvectorFunnel(DatabaseFunnel):
     def _search(
         self,
         q: np.ndarray,
-        k: int,
-        kp: int,
-        chain: tuple[int, ...],
+        spec: FunnelSpec,
         keeps: tuple[int, ...],
         scores: np.ndarray,
         ids: np.ndarray,
     ) -> None:
+        kp, chain = spec.shortlist_k, tuple(spec.rerank or (self.dim,))
         statement = self.funnel_sql(chain)
         qs = self.prefix(q, self.shortlist_size)  # (Q, m_s)
         stage_q = [self.prefix(q, m) for m in chain]  # [(Q, m)]

@@ -1,0 +1,191 @@
+"""Funnel tuning: the fastest ``(m_s, k', chain)`` reaching a target recall@k on held-out queries.
+
+:class:`FunnelTuner` measures :class:`~matryoshka.retrieval.funnel.FunnelRetriever` configurations
+against exact full-size search (recall@k by :func:`~matryoshka.retrieval.funnel.recall_vs_reference`)
+and keeps the one with the highest measured throughput that meets the target.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from matryoshka._validate import positive_int
+from matryoshka.retrieval.funnel import (
+    FunnelRetriever,
+    FunnelSpec,
+    open_corpus,
+    recall_vs_reference,
+)
+from matryoshka.retrieval.index import ExactIndex, VectorIndex, add_in_chunks
+
+__all__ = ["FunnelTuner"]
+
+
+def _timed_search(
+    search: Any, queries: np.ndarray, k: int, repeats: int
+) -> tuple[np.ndarray, float]:
+    """Run ``search(queries, k)`` ``repeats`` times; the ids and the best queries/s."""
+    best = float("inf")
+    ids = np.empty(0)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _, ids = search(queries, k)
+        best = min(best, time.perf_counter() - t0)
+    return ids, queries.shape[0] / best
+
+
+class FunnelTuner:
+    """Pick ``(m_s, k', chain)`` reaching a target recall@k at the highest measured throughput.
+
+    For every shortlist size and rerank chain, ``k'`` grows through ``shortlist_ks`` until the
+    recall@k against exact full-size search (on the held-out ``queries`` given to ``fit``) reaches
+    ``target_recall``; each such configuration's queries/s is measured, and the fastest one that
+    meets the target wins. Larger ``k'`` for the same ``(m_s, chain)`` is never faster, so it is
+    not measured.
+
+    Args:
+        target_recall: recall@k to reach, in ``(0, 1]``.
+        k: the ``k`` of recall@k.
+        shortlist_sizes: candidate ``m_s`` (each ``<= d``).
+        shortlist_ks: candidate ``k'``, increasing (each ``>= k``).
+        chains: candidate rerank chains; ``None`` gives ``[(d,)]`` plus ``(4·m_s, d)`` where
+            ``4·m_s < d``.
+        backend, index_params, normalize: for the shortlist index (see :class:`FunnelRetriever`).
+        repeats: timed runs per configuration (the best is kept).
+
+    After ``fit(corpus, queries)``: ``best_`` (a fitted :class:`FunnelRetriever`), ``best_spec_``
+    (its validated :class:`FunnelSpec`), ``best_params_``,
+    ``best_recall_``, ``best_qps_``, ``reference_qps_`` (exact full-size search), ``target_met_``
+    and ``results_`` (one dict per measured configuration).
+    """
+
+    def __init__(
+        self,
+        target_recall: float = 0.99,
+        k: int = 10,
+        shortlist_sizes: Sequence[int] = (16, 32, 64, 128),
+        shortlist_ks: Sequence[int] = (20, 50, 100, 200, 400, 800),
+        chains: Sequence[Sequence[int]] | None = None,
+        *,
+        backend: str = "exact",
+        index_params: dict[str, Any] | None = None,
+        normalize: bool = True,
+        repeats: int = 2,
+    ) -> None:
+        self.target_recall = target_recall
+        self.k = k
+        self.shortlist_sizes = shortlist_sizes
+        self.shortlist_ks = shortlist_ks
+        self.chains = chains
+        self.backend = backend
+        self.index_params = index_params
+        self.normalize = normalize
+        self.repeats = repeats
+
+    def _chains(self, m_s: int, d: int) -> list[tuple[int, ...]]:
+        """The rerank chains tried with shortlist size ``m_s``."""
+        if self.chains is None:
+            return [(d,)] + ([(4 * m_s, d)] if 4 * m_s < d else [])
+        return [tuple(chain) for chain in self.chains]
+
+    def _validate(self, d: int) -> None:
+        if not 0.0 < float(self.target_recall) <= 1.0:
+            raise ValueError(f"target_recall={self.target_recall!r} must be in (0, 1].")
+        positive_int(self.k, "k")
+        bad = [m for m in self.shortlist_sizes if not 1 <= m <= d]
+        if not self.shortlist_sizes or bad:
+            raise ValueError(
+                f"shortlist_sizes={list(self.shortlist_sizes)} must be non-empty sizes in "
+                f"[1, {d}] (the corpus dimension)."
+            )
+        ks = list(self.shortlist_ks)
+        if not ks or ks != sorted(ks) or ks[0] < self.k:
+            raise ValueError(
+                f"shortlist_ks={ks} must be non-empty, increasing and each >= k={self.k}."
+            )
+        for m_s in self.shortlist_sizes:  # every funnel of the grid is valid before timing any
+            for chain in self._chains(m_s, d):
+                FunnelSpec(m_s, int(ks[0]), chain).validate(d)
+
+    def _measure(
+        self, arr: np.ndarray, q: np.ndarray, ref_ids: np.ndarray
+    ) -> Iterator[tuple[dict[str, Any], FunnelRetriever]]:
+        """Each measured configuration's result row and fitted retriever. For every ``(m_s,
+        chain)``, ``k'`` grows until the target is met; one shortlist index per ``m_s``."""
+        n, d = arr.shape
+        for m_s in tqdm(list(self.shortlist_sizes), desc="tune m_s", leave=False):
+            index: VectorIndex | None = None
+            for chain in self._chains(m_s, d):
+                for kp in self.shortlist_ks:
+                    if kp > n:
+                        break
+                    fr = FunnelRetriever(
+                        m_s,
+                        int(kp),
+                        chain,
+                        backend=self.backend,
+                        index_params=self.index_params,
+                        index=index,
+                        normalize=self.normalize,
+                    ).fit(arr)
+                    index = fr.index_
+                    ids, qps = _timed_search(fr.search, q, self.k, self.repeats)
+                    rec = recall_vs_reference(ids, ref_ids)
+                    row = {
+                        "shortlist_size": m_s,
+                        "shortlist_k": int(kp),
+                        "rerank": list(fr.chain_),
+                        "recall": rec,
+                        "qps": qps,
+                    }
+                    yield row, fr
+                    if rec >= self.target_recall:
+                        break
+
+    def fit(self, corpus: np.ndarray | str | os.PathLike[str], queries: Any) -> FunnelTuner:
+        """Measure every configuration on held-out ``(Q, d)`` queries; set ``best_`` etc."""
+        arr = open_corpus(corpus)
+        d = arr.shape[1]
+        self._validate(d)
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != d or q.shape[0] == 0:
+            raise ValueError(f"queries.shape={q.shape}: pass (Q, {d}) held-out query embeddings.")
+        if self.shortlist_ks[0] > arr.shape[0]:
+            raise ValueError(
+                f"shortlist_ks={list(self.shortlist_ks)} exceed the corpus size {arr.shape[0]}: "
+                f"use shortlist sizes k' <= {arr.shape[0]}."
+            )
+        ref = add_in_chunks(ExactIndex(d, normalize=self.normalize), arr)
+        ref_ids, self.reference_qps_ = _timed_search(ref.search, q, self.k, self.repeats)
+        del ref
+        results: list[dict[str, Any]] = []
+        best: tuple[float, dict[str, Any], FunnelRetriever] | None = None
+        fallback: tuple[float, dict[str, Any], FunnelRetriever] | None = None
+        for row, fr in self._measure(arr, q, ref_ids):
+            results.append(row)
+            if fallback is None or row["recall"] > fallback[1]["recall"]:
+                fallback = (row["qps"], row, fr)
+            if row["recall"] >= self.target_recall and (best is None or row["qps"] > best[0]):
+                best = (row["qps"], row, fr)
+        self.results_ = results
+        self.target_met_ = best is not None
+        if best is None:
+            assert fallback is not None  # at least one configuration ran: shortlist_ks[0] >= k
+            warnings.warn(
+                f"no configuration reached target_recall={self.target_recall} (best recall "
+                f"{fallback[1]['recall']:.4f}): best_ is the most accurate one; try larger "
+                f"shortlist_ks or shortlist_sizes.",
+                stacklevel=2,
+            )
+            best = fallback
+        self.best_qps_, self.best_params_, self.best_ = best
+        self.best_spec_ = self.best_.spec_
+        self.best_recall_ = float(self.best_params_["recall"])
+        return self
