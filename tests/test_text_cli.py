@@ -236,12 +236,6 @@ def test_text_eval_config_errors() -> None:
         wordnet_texts("glosses")
 
 
-@pytest.fixture
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session-wide embedding cache of tests/test_text_eval.py (same tiny splits)."""
-    return tmp_path_factory.getbasetemp() / "embedding-cache"
-
-
 @needs_wordnet
 @needs_text
 def test_text_eval_reads_a_recipe_and_flags_override_it(

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from matryoshka import Nesting
-from matryoshka.data.wordnet import RetrievalTask, Synset, load_synsets, split_synsets
+from matryoshka.data.wordnet import RetrievalTask, Synset, split_synsets
 from matryoshka.evaluation.text import format_tables, retrieval_metrics
 from matryoshka.losses.contrastive import MatryoshkaContrastiveLoss
 from matryoshka.report import validate_results
-from tests.markers import WORDNET, needs_text, needs_wordnet
+from tests.markers import needs_text, needs_wordnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,18 +43,6 @@ def test_retrieval_metrics_by_hand() -> None:
     assert got["recall@10"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert got["recall@100"] == pytest.approx(1.0)
     assert got["mrr@10"] == pytest.approx((1 / 2 + 1 + 0) / 3)
-
-
-@pytest.fixture
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An embedding cache shared by the whole session (tests/test_text_cli.py reuses the tiny
-    evaluation's entries: same splits, same model)."""
-    return tmp_path_factory.getbasetemp() / "embedding-cache"
-
-
-@pytest.fixture(scope="module")
-def wordnet() -> list[Synset]:
-    return load_synsets(WORDNET)
 
 
 @needs_wordnet
