@@ -19,12 +19,8 @@ group is needed), then one merge:
     mrl index build corpus.npy --dim 64 --out corpus-64.index
 
 Shard ``I`` of ``N`` embeds the contiguous block of rows ``[I*n//N, (I+1)*n//N)`` of the ``n``
-texts (every process reads the same source, so all options but ``--shard`` must be the same)
-and writes ``OUT/shard-0000I-of-0000N.npy`` + ``.json`` (rows, model, size, count, SHA-256 of
-the ``.npy`` file and of the texts), atomically, the JSON last. ``embed-merge`` checks that all
-``N`` shards exist, agree on model/size/adaptor/texts, cover every row exactly once and pass
-their checksums, then writes the merged ``(n, dim)`` ``.npy`` (row ``i`` = text ``i``, what an
-unsharded ``mrl embed`` writes) with its sidecar, and ``FOLDER/manifest.json`` last.
+texts (every process reads the same source, so all options but ``--shard`` must be the same);
+the shard files and the checks of the merge are :mod:`matryoshka.embed.shards`.
 
 ``embed`` writes an ``(N, dim)`` float32 ``.npy`` and a JSON sidecar beside it (model, size,
 count, source). Encodings of the full vectors are cached on disk (``--cache-dir``), so
@@ -36,13 +32,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import io
 import json
-import os
-import re
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from matryoshka.cli import add_dataclass_arguments
-from matryoshka.io import atomic_write_bytes
+from matryoshka.embed.shards import merge_shards, parse_shard, shard_rows, write_shard
 from matryoshka.training.text import WordnetTextOptions, check_text_options, config_from_dict
 
 __all__ = [
@@ -60,11 +51,7 @@ __all__ = [
     "cmd_embed",
     "cmd_embed_merge",
     "cmd_text_eval",
-    "merge_shards",
-    "parse_shard",
     "register",
-    "shard_path",
-    "shard_rows",
     "wordnet_texts",
 ]
 
@@ -202,142 +189,6 @@ def _encode(
     )
 
 
-#: ``format`` of a shard's JSON sidecar and of the merge manifest.
-SHARD_FORMAT = "matryoshka.embed-shard/1"
-MANIFEST_FORMAT = "matryoshka.embed-manifest/1"
-_SHARD_JSON = re.compile(r"shard-(\d+)-of-(\d+)\.json")
-_SHARD_KEYS = (
-    "format",
-    "shard",
-    "num_shards",
-    "row_start",
-    "row_stop",
-    "count",
-    "total_rows",
-    "model",
-    "model_fingerprint",
-    "size",
-    "full_size",
-    "dtype",
-    "normalized",
-    "adaptor",
-    "adaptor_sha256",
-    "source",
-    "texts_sha256",
-    "sha256",
-)
-
-
-def parse_shard(spec: str, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """``--shard`` -> ``(index, count)``: ``"I/N"`` (0-based, ``0 <= I < N``), or ``"auto"``:
-    torchrun's ``RANK`` and ``WORLD_SIZE`` (global ranks, so it spans machines) from
-    ``environ`` (default :data:`os.environ`)."""
-    env = os.environ if environ is None else environ
-    if spec == "auto":
-        rank, world = env.get("RANK"), env.get("WORLD_SIZE")
-        if rank is None or world is None:
-            raise _UsageError(
-                "--shard auto reads RANK and WORLD_SIZE, which are not set: launch with torchrun "
-                "(torchrun --nproc-per-node 4 -m matryoshka.cli embed ... --shard auto) or pass "
-                "--shard I/N."
-            )
-        text, where = f"{rank}/{world}", "--shard auto (RANK/WORLD_SIZE)"
-    else:
-        text, where = spec, "--shard"
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if m is None:
-        raise _UsageError(
-            f"{where} {text!r} is not I/N: pass e.g. --shard 0/4 (block 0 of 4) or --shard auto."
-        )
-    index, count = int(m[1]), int(m[2])
-    if count < 1 or index >= count:
-        n = max(count, 1)
-        raise _UsageError(
-            f"{where} {text!r}: I is 0-based and needs 0 <= I < N, i.e. --shard 0/{n} ... "
-            f"--shard {n - 1}/{n}."
-        )
-    return index, count
-
-
-def shard_rows(n_rows: int, index: int, count: int) -> tuple[int, int]:
-    """Half-open row range ``[start, stop)`` of shard ``index`` of ``count`` over ``n_rows``
-    rows: contiguous blocks, in order, sizes differing by at most one, covering each row once."""
-    return index * n_rows // count, (index + 1) * n_rows // count
-
-
-def shard_path(folder: str | Path, index: int, count: int) -> Path:
-    """``folder/shard-0000I-of-0000N.npy``; its JSON sidecar is the same path with ``.json``."""
-    return Path(folder) / f"shard-{index:05d}-of-{count:05d}.npy"
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _adaptor_sha256(adaptor: str | None) -> str | None:
-    """SHA-256 of the adaptor's weights file: the same adaptor may lie at other paths elsewhere."""
-    if not adaptor:
-        return None
-    p = Path(adaptor)
-    stem = p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
-    return _file_sha256(stem.with_suffix(".safetensors"))
-
-
-def _write_shard(
-    args: argparse.Namespace,
-    folder: Path,
-    shard: tuple[int, int],
-    rows: tuple[int, int],
-    texts: list[str],
-    label: str,
-    encoder: Any,
-    emb: np.ndarray,
-) -> int:
-    """Write shard ``emb`` (rows ``rows`` of ``texts``) and its JSON, each atomically, JSON last
-    (a shard without its JSON is not there yet)."""
-    index, count = shard
-    start, stop = rows
-    path = shard_path(folder, index, count)
-    data = _npy_bytes(emb)
-    meta = {
-        "format": SHARD_FORMAT,
-        "shard": index,
-        "num_shards": count,
-        "row_start": start,
-        "row_stop": stop,
-        "count": int(emb.shape[0]),
-        "total_rows": len(texts),
-        "model": encoder.name,
-        "model_fingerprint": encoder.fingerprint(),
-        "size": int(emb.shape[1]),
-        "full_size": int(encoder.dim),
-        "dtype": str(emb.dtype),
-        "normalized": bool(args.normalize),
-        "adaptor": str(args.adaptor) if args.adaptor else None,
-        "adaptor_sha256": _adaptor_sha256(args.adaptor),
-        "source": label,
-        "texts_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
-    atomic_write_bytes(path, data)
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
-    print(
-        f"wrote {path} (shard {index} of {count}: rows {start}:{stop} of {len(texts)}, "
-        f"{emb.shape[0]} x {emb.shape[1]}, {encoder.name}) and {path.with_suffix('.json')}"
-    )
-    return 0
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
     """``mrl embed``: texts -> ``(N, dim)`` float32 ``.npy`` + JSON sidecar; returns 0, or 2
     with a message on stderr for bad input."""
@@ -391,7 +242,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     except (_UsageError, ValueError, FileNotFoundError, ImportError) as e:
         return _fail(str(e))
     if shard is not None:
-        return _write_shard(args, out, shard, (start, stop), all_texts, label, encoder, emb)
+        path = write_shard(
+            out, shard, (start, stop), all_texts, label, encoder, emb, args.normalize, args.adaptor
+        )
+        print(
+            f"wrote {path} (shard {shard[0]} of {shard[1]}: rows {start}:{stop} of "
+            f"{len(all_texts)}, {emb.shape[0]} x {emb.shape[1]}, {encoder.name}) and "
+            f"{path.with_suffix('.json')}"
+        )
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, emb)
     meta = {
@@ -408,195 +267,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
     sidecar.write_text(json.dumps(meta, indent=2))
     print(f"wrote {out} ({emb.shape[0]} x {dim}, {encoder.name}) and {sidecar}")
     return 0
-
-
-#: Fields every shard must share, and the fix when one differs from shard 0's.
-_SAME_FIX = "re-run it with the same --model, --dim, --adaptor and --normalize as the others"
-_SAME_TEXTS = "it was embedded from other texts: re-run it with the same --input/--wordnet options"
-_MUST_AGREE = (
-    ("model", _SAME_FIX),
-    ("model_fingerprint", _SAME_FIX + " (same name, other weights)"),
-    ("full_size", _SAME_FIX),
-    ("size", _SAME_FIX),
-    ("adaptor_sha256", _SAME_FIX),
-    ("normalized", _SAME_FIX),
-    ("dtype", _SAME_FIX),
-    ("total_rows", _SAME_TEXTS),
-    ("texts_sha256", _SAME_TEXTS),
-)
-
-
-def _rerun(folder: Path, index: int, count: int) -> str:
-    return (
-        f"re-run `mrl embed <the same options> --shard {index}/{count} --out {folder}` and merge "
-        "again"
-    )
-
-
-def _read_shard_meta(folder: Path, index: int, count: int) -> dict[str, Any]:
-    path = shard_path(folder, index, count).with_suffix(".json")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _UsageError(
-            f"shard {index} ({path}) is not readable JSON ({e}): {_rerun(folder, index, count)}."
-        ) from None
-    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
-        raise _UsageError(
-            f"shard {index} ({path}) is not a shard written by `mrl embed --shard` (format "
-            f"{SHARD_FORMAT!r}): {_rerun(folder, index, count)}."
-        )
-    missing = [k for k in _SHARD_KEYS if k not in meta]
-    if missing or (meta["shard"], meta["num_shards"]) != (index, count):
-        raise _UsageError(
-            f"shard {index} ({path}) is damaged or renamed (missing {missing}, or it says shard "
-            f"{meta.get('shard')} of {meta.get('num_shards')}): {_rerun(folder, index, count)}."
-        )
-    return meta
-
-
-def _shard_counts(folder: Path) -> dict[int, set[int]]:
-    """``{N: {I, ...}}`` of the ``shard-I-of-N.json`` files in ``folder``."""
-    found: dict[int, set[int]] = {}
-    for p in folder.iterdir():
-        m = _SHARD_JSON.fullmatch(p.name)
-        if m:
-            found.setdefault(int(m[2]), set()).add(int(m[1]))
-    return found
-
-
-def merge_shards(
-    folder: str | Path, out: str | Path, manifest: str | Path | None = None
-) -> dict[str, Any]:
-    """Check the shards of ``mrl embed --shard`` in ``folder`` and merge them into ``out``.
-
-    All ``N`` shards must exist, agree on model (name and weights), size, adaptor, normalization
-    and source texts, cover rows ``0..n-1`` exactly once and match their SHA-256; otherwise a
-    :class:`ValueError` names the shard and the fix. Writes (each atomically) ``out``: the
-    ``(n, dim)`` array in original row order, its JSON sidecar (as ``mrl embed`` writes), then
-    ``manifest`` (default ``folder/manifest.json``). Returns the manifest.
-    """
-    folder, out = Path(folder), Path(out)
-    manifest_path = folder / "manifest.json" if manifest is None else Path(manifest)
-    if out.suffix != ".npy":
-        raise _UsageError(f"--out {str(out)!r} must end in .npy, e.g. corpus.npy.")
-    if not folder.is_dir():
-        raise _UsageError(
-            f"{str(folder)!r} is not a folder: pass the --out folder of `mrl embed --shard`."
-        )
-    found = _shard_counts(folder)
-    if not found:
-        raise _UsageError(
-            f"{folder} holds no shard-*-of-*.json: write the shards with `mrl embed ... "
-            f"--shard I/N --out {folder}` (or --shard auto under torchrun) first."
-        )
-    if len(found) > 1:
-        raise _UsageError(
-            f"{folder} holds shards of runs with different N {sorted(found)}: keep the shards "
-            "of one run only (delete the others' shard-*-of-* files or use separate folders)."
-        )
-    ((count, indices),) = found.items()
-    stray = sorted(i for i in indices if i >= count)
-    if stray:
-        raise _UsageError(
-            f"{folder} holds shard(s) {stray} of {count}, but shards are numbered 0..{count - 1}: "
-            "delete those files."
-        )
-    missing = [i for i in range(count) if i not in indices]
-    if missing:
-        i = missing[0]
-        also = f" ({len(missing)} shards are missing: {missing})" if len(missing) > 1 else ""
-        raise _UsageError(
-            f"shard {i} of {count} ({shard_path(folder, i, count)}) is missing{also}: "
-            f"{_rerun(folder, i, count)}."
-        )
-    metas = [_read_shard_meta(folder, i, count) for i in range(count)]
-    ref = metas[0]
-    for i, meta in enumerate(metas[1:], 1):
-        for key, fix in _MUST_AGREE:
-            if meta[key] != ref[key]:
-                raise _UsageError(
-                    f"shard {i} ({shard_path(folder, i, count)}) has {key}={meta[key]!r} but "
-                    f"shard 0 has {key}={ref[key]!r}: {fix} ({_rerun(folder, i, count)})."
-                )
-    row = 0
-    for i, meta in enumerate(metas):
-        start, stop = meta["row_start"], meta["row_stop"]
-        if start != row or stop < start or meta["count"] != stop - start:
-            raise _UsageError(
-                f"shard {i} ({shard_path(folder, i, count)}) holds rows {start}:{stop} "
-                f"({meta['count']} rows) but the shards before it end at row {row}: rows would "
-                f"be missed or doubled; {_rerun(folder, i, count)}."
-            )
-        row = stop
-    if row != ref["total_rows"]:
-        raise _UsageError(
-            f"the shards in {folder} cover rows 0:{row} of {ref['total_rows']}: "
-            f"{_rerun(folder, count - 1, count)}."
-        )
-    arrays = []
-    for i, meta in enumerate(metas):
-        npy = shard_path(folder, i, count)
-        if not npy.is_file():
-            raise _UsageError(f"shard {i} ({npy}) is missing: {_rerun(folder, i, count)}.")
-        digest = _file_sha256(npy)
-        if digest != meta["sha256"]:
-            raise _UsageError(
-                f"shard {i} ({npy}) fails its checksum (SHA-256 {digest[:12]}..., its .json says "
-                f"{meta['sha256'][:12]}...): the file is corrupted or torn; "
-                f"{_rerun(folder, i, count)}."
-            )
-        arr = np.load(npy, mmap_mode="r", allow_pickle=False)
-        if arr.shape != (meta["count"], meta["size"]) or str(arr.dtype) != meta["dtype"]:
-            raise _UsageError(
-                f"shard {i} ({npy}) holds a {arr.dtype} array of shape {arr.shape}, not "
-                f"({meta['count']}, {meta['size']}) {meta['dtype']}: {_rerun(folder, i, count)}."
-            )
-        arrays.append(arr)
-    merged = np.concatenate(arrays, axis=0)  # (n, dim), row i = text i
-    data = _npy_bytes(merged)
-    atomic_write_bytes(out, data)
-    sidecar = {
-        "model": ref["model"],
-        "size": ref["size"],
-        "full_size": ref["full_size"],
-        "count": int(merged.shape[0]),
-        "dtype": str(merged.dtype),
-        "normalized": ref["normalized"],
-        "adaptor": ref["adaptor"],
-        "source": ref["source"],
-        "manifest": str(manifest_path),
-    }
-    atomic_write_bytes(out.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
-    shared = ("model", "model_fingerprint", "size", "full_size", "dtype", "normalized")
-    result: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "num_shards": count,
-        "rows": ref["total_rows"],
-        **{k: ref[k] for k in shared},
-        "adaptor": ref["adaptor"],
-        "adaptor_sha256": ref["adaptor_sha256"],
-        "source": ref["source"],
-        "texts_sha256": ref["texts_sha256"],
-        "shards": [
-            {
-                "file": shard_path(folder, i, count).name,
-                "shard": i,
-                "row_start": m["row_start"],
-                "row_stop": m["row_stop"],
-                "count": m["count"],
-                "sha256": m["sha256"],
-            }
-            for i, m in enumerate(metas)
-        ],
-        "merged": {
-            "path": str(out),
-            "shape": list(merged.shape),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        },
-    }
-    atomic_write_bytes(manifest_path, json.dumps(result, indent=2).encode())
-    return result
 
 
 def cmd_embed_merge(args: argparse.Namespace) -> int:
