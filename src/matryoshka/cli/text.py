@@ -41,22 +41,18 @@ from typing import Any
 import numpy as np
 
 from matryoshka.cli import add_dataclass_arguments
+from matryoshka.data.wordnet import WORDNET_FIELDS, wordnet_texts
 from matryoshka.embed.shards import merge_shards, parse_shard, shard_rows, write_shard
 from matryoshka.training.text import WordnetTextOptions, check_text_options, config_from_dict
 
 __all__ = [
-    "WORDNET_FIELDS",
     "TextEvalConfig",
     "cmd_adaptor_fit",
     "cmd_embed",
     "cmd_embed_merge",
     "cmd_text_eval",
     "register",
-    "wordnet_texts",
 ]
-
-#: What ``--wordnet`` can embed: every synset's definition, lemma list, or usage examples.
-WORDNET_FIELDS = ("definitions", "lemmas", "examples")
 
 
 class _UsageError(ValueError):
@@ -103,33 +99,6 @@ class TextEvalConfig(WordnetTextOptions):
     def from_dict(cls, data: dict[str, Any]) -> TextEvalConfig:
         """Build from a mapping (e.g. a YAML recipe); unknown keys are an error naming them."""
         return config_from_dict(cls, data, "text-eval")
-
-
-def wordnet_texts(
-    what: str,
-    root: str | Path = "/usr/share/wordnet",
-    fraction: float = 1.0,
-    seed: int = 0,
-    limit: int | None = None,
-) -> list[str]:
-    """Texts from WordNet: ``what`` of a seeded share ``fraction`` of the synsets (file order),
-    at most ``limit`` of them. ``examples`` yields every usage example of those synsets."""
-    from matryoshka.data.wordnet import load_synsets, split_synsets
-
-    if what not in WORDNET_FIELDS:
-        raise _UsageError(
-            f"what={what!r} (--wordnet) is not one of {list(WORDNET_FIELDS)}: pick one of them."
-        )
-    synsets = load_synsets(root)
-    if fraction != 1.0:
-        synsets = split_synsets(synsets, seed, {"subset": fraction})["subset"]
-    if what == "definitions":
-        texts = [s.definition for s in synsets]
-    elif what == "lemmas":
-        texts = [s.lemma_text for s in synsets]
-    else:
-        texts = [e for s in synsets for e in s.examples]
-    return texts if limit is None else texts[:limit]
 
 
 def _read_lines(path: str) -> list[str]:

@@ -33,13 +33,12 @@ from tqdm.auto import tqdm
 
 from matryoshka.data.wordnet import (
     RetrievalTask,
-    Synset,
     definition_to_lemmas,
     example_to_definition,
     lemmas_to_definition,
     lexname_task,
     load_synsets,
-    split_synsets,
+    wordnet_split,
 )
 from matryoshka.evaluation.metrics import accuracy, mrr_at_k, ndcg_at_k, recall_at_k, top_k_indices
 from matryoshka.losses.contrastive import Matryoshka2dContrastiveLoss, MatryoshkaContrastiveLoss
@@ -54,7 +53,6 @@ __all__ = [
     "linear_probe",
     "retrieval_metrics",
     "run_wordnet_evaluation",
-    "wordnet_split",
 ]
 
 Transform = Callable[[np.ndarray, int], np.ndarray]
@@ -155,15 +153,6 @@ def finetune(
     bar.close()
     model.model.eval()
     return model
-
-
-def wordnet_split(
-    synsets: Sequence[Synset], seed: int, train_fraction: float, test_fraction: float
-) -> tuple[list[Synset], list[Synset]]:
-    """Seeded ``(train, test)`` synsets; the test share is drawn first, so the held-out
-    synsets do not change when ``train_fraction`` does."""
-    split = split_synsets(synsets, seed, {"test": test_fraction, "train": train_fraction})
-    return split["train"], split["test"]
 
 
 def _pca(train: np.ndarray) -> Transform:

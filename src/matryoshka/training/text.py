@@ -193,8 +193,7 @@ def config_from_dict(cls: type[_C], data: dict[str, Any], what: str) -> _C:
 
 
 def _split(config: TextTrainConfig) -> tuple[list[Any], list[Any]]:
-    from matryoshka.data.wordnet import load_synsets
-    from matryoshka.evaluation.text import wordnet_split
+    from matryoshka.data.wordnet import load_synsets, wordnet_split
 
     synsets = load_synsets(config.wordnet_root)
     return wordnet_split(synsets, config.seed, config.train_fraction, config.test_fraction)
