@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from matryoshka.cli import main
-from matryoshka.cli.text import TextEvalConfig
 from matryoshka.data.wordnet import wordnet_texts
+from matryoshka.evaluation.text import TextEvalConfig
 from matryoshka.models.adaptor import MatryoshkaAdaptor
 from matryoshka.ops import truncate_numpy
 from tests.markers import WORDNET, needs_text, needs_wordnet

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from matryoshka.cli import main
-from matryoshka.training.text import TextTrainConfig, evaluate_text_model, is_text_run
+from matryoshka.evaluation.text import evaluate_text_model, is_text_run
+from matryoshka.training.text import TextTrainConfig, train_text
 from tests.markers import needs_text, needs_wordnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,6 +65,27 @@ def test_eval_of_a_folder_without_a_text_run_is_explained(tmp_path: Path) -> Non
 
 
 @needs_text
+def test_a_ladder_not_ending_at_the_model_dimension_is_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    """Checked right after the encoder loads: before WordNet is read (the root below does not
+    exist) and before anything is written."""
+    config = TextTrainConfig(
+        sizes=[8, 64],
+        wordnet_root=str(tmp_path / "no-wordnet"),
+        out_dir=str(tmp_path / "run"),
+        progress=False,
+    )
+    message = (
+        r"sizes=\[8, 64\] ends at 64, but all-MiniLM-L6-v2 embeds in 384 dimensions: "
+        r"make the last size 384\."
+    )
+    with pytest.raises(ValueError, match=message):
+        train_text(config)
+    assert not any(tmp_path.iterdir())
+
+
+@needs_text
 @needs_wordnet
 def test_train_then_eval_a_text_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = tmp_path / "text.yaml"
@@ -112,8 +134,6 @@ def test_train_then_eval_a_text_run(tmp_path: Path, capsys: pytest.CaptureFixtur
 @needs_wordnet
 def test_2d_training_with_sampled_sizes(tmp_path: Path) -> None:
     """layers + n_sizes_per_step: the 2D loss over layers 3 and 5 with 2 sizes a step."""
-    from matryoshka.training.text import train_text
-
     common = {
         "sizes": [32, 128, 384],
         "train_fraction": 0.001,

@@ -25,7 +25,8 @@ the shard files and the checks of the merge are :mod:`matryoshka.embed.shards`.
 ``embed`` writes an ``(N, dim)`` float32 ``.npy`` and a JSON sidecar beside it (model, size,
 count, source). Encodings of the full vectors are cached on disk (``--cache-dir``), so
 re-running with another ``--dim`` or adaptor does not re-encode. ``text-eval`` takes the fields
-of :class:`TextEvalConfig` as flags and/or a YAML recipe (flags override the recipe).
+of :class:`~matryoshka.evaluation.text.TextEvalConfig` as flags and/or a YAML recipe (flags
+override the recipe). This module only reads arguments and calls the library.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,9 @@ import numpy as np
 from matryoshka.cli import add_dataclass_arguments
 from matryoshka.data.wordnet import WORDNET_FIELDS, wordnet_texts
 from matryoshka.embed.shards import merge_shards, parse_shard, shard_rows, write_shard
-from matryoshka.training.text import WordnetTextOptions, check_text_options, config_from_dict
+from matryoshka.evaluation.text import TextEvalConfig
 
 __all__ = [
-    "TextEvalConfig",
     "cmd_adaptor_fit",
     "cmd_embed",
     "cmd_embed_merge",
@@ -62,43 +61,6 @@ class _UsageError(ValueError):
 def _fail(message: str) -> int:
     print(f"mrl: error: {message}", file=sys.stderr)
     return 2
-
-
-@dataclass
-class TextEvalConfig(WordnetTextOptions):
-    """Options of the WordNet text evaluation (:func:`matryoshka.evaluation.text.run_wordnet_evaluation`).
-
-    Validated on construction; :meth:`from_dict` reads a YAML recipe's mapping.
-    """
-
-    out_dir: str = field(
-        default="results/text_wordnet",
-        metadata={"help": "folder for results.json and the report"},
-    )
-    train_pairs: int = field(
-        default=8000,
-        metadata={"help": "(definition, lemmas) pairs to fine-tune on; 0 skips fine-tuning"},
-    )
-    adaptor_epochs: int = field(default=6, metadata={"help": "epochs of the adaptor fit"})
-    adaptor_reg: float = field(
-        default=0.5,
-        metadata={"help": "supervised adaptor: weight keeping the map near its PCA start"},
-    )
-    probe_limit: int = field(
-        default=10000, metadata={"help": "at most this many training synsets for the probe"}
-    )
-
-    def __post_init__(self) -> None:
-        check_text_options(
-            self,
-            ints=(("train_pairs", 0), ("adaptor_epochs", 1), ("probe_limit", 10), ("seed", 0)),
-            floats=(("adaptor_reg", 0.0, True),),
-        )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TextEvalConfig:
-        """Build from a mapping (e.g. a YAML recipe); unknown keys are an error naming them."""
-        return config_from_dict(cls, data, "text-eval")
 
 
 def _read_lines(path: str) -> list[str]:
@@ -376,19 +338,7 @@ def cmd_text_eval(args: argparse.Namespace) -> int:
 
     try:
         config = _text_eval_config(args)
-        results = run_wordnet_evaluation(
-            out_dir=Path(config.out_dir),
-            sizes=config.sizes,
-            train_fraction=config.train_fraction,
-            test_fraction=config.test_fraction,
-            train_pairs=config.train_pairs,
-            adaptor_epochs=config.adaptor_epochs,
-            adaptor_reg=config.adaptor_reg,
-            probe_limit=config.probe_limit,
-            seed=config.seed,
-            cache_dir=Path(config.cache_dir),
-            progress=config.progress,
-        )
+        results = run_wordnet_evaluation(config)
     except (_UsageError, ValueError, FileNotFoundError, ImportError) as e:
         return _fail(str(e))
     print(format_tables(results))
