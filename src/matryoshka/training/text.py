@@ -279,8 +279,9 @@ def train_text(config: TextTrainConfig) -> Path:
 
 
 # Transitional: `evaluate_text_model` and `is_text_run` moved to matryoshka.evaluation.text.
-# Imported lazily on first use so that this module never imports evaluation code. Remove once
-# matryoshka/cli/__init__.py and tests/bad_inputs.py import them from matryoshka.evaluation.text.
+# They are forwarded on first use, never at import time, so training does not depend on
+# evaluation. Remove once matryoshka/cli/__init__.py and tests/bad_inputs.py import them from
+# matryoshka.evaluation.text.
 _MOVED_TO_EVALUATION = ("evaluate_text_model", "is_text_run")
 
 
