@@ -1,14 +1,18 @@
-"""Shared fixtures: the bundled MNIST subset, loaded once, and small slices of it."""
+"""Shared fixtures: the bundled MNIST subset, loaded once, and small slices of it; WordNet and
+the session-wide embedding cache of the text tests."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
 from matryoshka.data.images import ImageSplits, load_mnist_subset
+from matryoshka.data.wordnet import Synset, load_synsets
+from tests.markers import WORDNET
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +46,16 @@ def one_thread() -> Iterator[None]:
     with threadpool_limits(limits=1):
         yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An embedding cache shared by the whole session: tests/test_text_cli.py reuses the entries
+    of the tiny evaluation in tests/test_text_eval.py (same splits, same model)."""
+    return tmp_path_factory.getbasetemp() / "embedding-cache"
+
+
+@pytest.fixture(scope="session")
+def wordnet() -> list[Synset]:
+    """Every WordNet synset from /usr/share/wordnet, parsed once (use with ``needs_wordnet``)."""
+    return load_synsets(WORDNET)

@@ -10,7 +10,7 @@ from matryoshka.cli import build_parser, main
 
 def test_train_eval_report_round_trip(tmp_path, capsys):
     cfg = tmp_path / "recipe.yaml"
-    cfg.write_text("backbone: mlp\nbackbone_width: 32\nembed_dim: 8\nepochs: 5\n")
+    cfg.write_text("backbone: mlp\nbackbone_width: 32\nsizes: [2, 4, 8]\nepochs: 5\n")
     out = tmp_path / "run"
     assert (
         main(["train", "--config", str(cfg), "--epochs", "1", "--no-progress", "--out", str(out)])

@@ -15,7 +15,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from matryoshka.cli import main
-from matryoshka.cli.text import merge_shards, parse_shard, shard_path, shard_rows
+from matryoshka.embed.shards import merge_shards, parse_shard, shard_path, shard_rows
 from matryoshka.retrieval.index import load_index
 from tests.markers import HAS_TEXT, needs_text
 

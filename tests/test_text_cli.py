@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from matryoshka.cli import main
-from matryoshka.cli.text import TextEvalConfig, wordnet_texts
+from matryoshka.data.wordnet import wordnet_texts
+from matryoshka.evaluation.text import TextEvalConfig
 from matryoshka.models.adaptor import MatryoshkaAdaptor
 from matryoshka.ops import truncate_numpy
 from tests.markers import WORDNET, needs_text, needs_wordnet
@@ -216,7 +217,7 @@ def test_recipe_is_a_text_eval_config() -> None:
 
 
 def test_text_eval_config_errors() -> None:
-    with pytest.raises(ValueError, match=r"unknown text-eval option\(s\) \['method'\]"):
+    with pytest.raises(ValueError, match=r"unknown config keys \['method'\] for TextEvalConfig"):
         TextEvalConfig.from_dict({"method": "mrl"})
     with pytest.raises(ValueError, match=r"train_fraction=0 must be a share .* in \(0, 1\]"):
         TextEvalConfig(train_fraction=0)
@@ -234,12 +235,6 @@ def test_text_eval_config_errors() -> None:
         TextEvalConfig(probe_limit=5)
     with pytest.raises(ValueError, match=r"what='glosses' \(--wordnet\) is not one of"):
         wordnet_texts("glosses")
-
-
-@pytest.fixture
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session-wide embedding cache of tests/test_text_eval.py (same tiny splits)."""
-    return tmp_path_factory.getbasetemp() / "embedding-cache"
 
 
 @needs_wordnet

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from matryoshka import Nesting
-from matryoshka.data.wordnet import RetrievalTask, Synset, load_synsets, split_synsets
-from matryoshka.evaluation.text import format_tables, retrieval_metrics
+from matryoshka.data.wordnet import RetrievalTask, Synset, split_synsets
+from matryoshka.evaluation.text import TextEvalConfig, format_tables, retrieval_metrics
 from matryoshka.losses.contrastive import MatryoshkaContrastiveLoss
 from matryoshka.report import validate_results
-from tests.markers import WORDNET, needs_text, needs_wordnet
+from tests.markers import needs_text, needs_wordnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,23 +45,11 @@ def test_retrieval_metrics_by_hand() -> None:
     assert got["mrr@10"] == pytest.approx((1 / 2 + 1 + 0) / 3)
 
 
-@pytest.fixture
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An embedding cache shared by the whole session (tests/test_text_cli.py reuses the tiny
-    evaluation's entries: same splits, same model)."""
-    return tmp_path_factory.getbasetemp() / "embedding-cache"
-
-
-@pytest.fixture(scope="module")
-def wordnet() -> list[Synset]:
-    return load_synsets(WORDNET)
-
-
 @needs_wordnet
 @needs_text
 def test_finetune_changes_weights_and_lowers_the_loss(wordnet: list[Synset]) -> None:
-    from matryoshka.evaluation.text import finetune
     from matryoshka.models.text_encoder import TextEncoder
+    from matryoshka.training.text import finetune
 
     torch.manual_seed(0)
     pairs = split_synsets(wordnet, seed=0, fractions={"train": 0.0001})["train"][:8]
@@ -97,14 +85,16 @@ def test_tiny_wordnet_evaluation_writes_a_report(tmp_path: Path, shared_cache: P
 
     out, sizes = tmp_path / "out", [32, 384]
     res = run_wordnet_evaluation(
-        out_dir=out,
-        sizes=sizes,
-        train_fraction=0.0017,  # 200 synsets: 400 rows for the adaptor, more than d = 384
-        test_fraction=0.0003,  # 35 synsets
-        train_pairs=16,  # one fine-tuning step per variant
-        adaptor_epochs=1,
-        cache_dir=shared_cache,
-        progress=False,
+        TextEvalConfig(
+            out_dir=str(out),
+            sizes=sizes,
+            train_fraction=0.0017,  # 200 synsets: 400 rows for the adaptor, more than d = 384
+            test_fraction=0.0003,  # 35 synsets
+            train_pairs=16,  # one fine-tuning step per variant
+            adaptor_epochs=1,
+            cache_dir=str(shared_cache),
+            progress=False,
+        )
     )
     saved = json.loads((out / "results.json").read_text())
     assert saved == json.loads(json.dumps(res))
@@ -157,6 +147,9 @@ def test_evaluation_rejects_bad_options(tmp_path: Path) -> None:
     from matryoshka.evaluation.text import run_wordnet_evaluation
 
     with pytest.raises(ValueError, match=r"train_pairs=-1 must be an int >= 0"):
-        run_wordnet_evaluation(out_dir=tmp_path, train_pairs=-1, progress=False)
+        run_wordnet_evaluation(
+            TextEvalConfig(out_dir=str(tmp_path), train_pairs=-1, progress=False)
+        )
     with pytest.raises(ValueError, match=r"sizes=\[8, 64\] ends at 64.*make the last size 384"):
-        run_wordnet_evaluation(out_dir=tmp_path, sizes=(8, 64), progress=False)
+        run_wordnet_evaluation(TextEvalConfig(out_dir=str(tmp_path), sizes=[8, 64], progress=False))
+    assert not any(tmp_path.iterdir())  # refused before anything is written

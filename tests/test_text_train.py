@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from matryoshka.cli import main
-from matryoshka.training.text import TextTrainConfig, evaluate_text_model, is_text_run
+from matryoshka.evaluation.text import evaluate_text_model, is_text_run
+from matryoshka.training.text import TextTrainConfig, train_text
 from tests.markers import needs_text, needs_wordnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +48,7 @@ def test_every_shipped_text_recipe_is_a_valid_config(path: Path) -> None:
         ("test_fraction", 0.99, "the splits must not overlap"),
         ("train_pairs", 1, "train_pairs=1 must be an int >= 2"),
         ("lr", -1.0, "lr=-1.0 must be a float > 0.0"),
-        ("bogus", 1, "unknown text training option(s) ['bogus']"),
+        ("bogus", 1, "unknown config keys ['bogus'] for TextTrainConfig"),
         ("n_sizes_per_step", 9, "n_sizes_per_step=9 must be null (every size) or an int in [1, 7]"),
         ("layers", [5, 3], "layers=[5, 3] must be null or increasing 0-based layer indices"),
     ],
@@ -61,6 +62,27 @@ def test_eval_of_a_folder_without_a_text_run_is_explained(tmp_path: Path) -> Non
     assert not is_text_run(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"holds no text_model\.json"):
         evaluate_text_model(tmp_path)
+
+
+@needs_text
+def test_a_ladder_not_ending_at_the_model_dimension_is_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    """Checked right after the encoder loads: before WordNet is read (the root below does not
+    exist) and before anything is written."""
+    config = TextTrainConfig(
+        sizes=[8, 64],
+        wordnet_root=str(tmp_path / "no-wordnet"),
+        out_dir=str(tmp_path / "run"),
+        progress=False,
+    )
+    message = (
+        r"sizes=\[8, 64\] ends at 64, but all-MiniLM-L6-v2 embeds in 384 dimensions: "
+        r"make the last size 384\."
+    )
+    with pytest.raises(ValueError, match=message):
+        train_text(config)
+    assert not any(tmp_path.iterdir())
 
 
 @needs_text
@@ -112,8 +134,6 @@ def test_train_then_eval_a_text_run(tmp_path: Path, capsys: pytest.CaptureFixtur
 @needs_wordnet
 def test_2d_training_with_sampled_sizes(tmp_path: Path) -> None:
     """layers + n_sizes_per_step: the 2D loss over layers 3 and 5 with 2 sizes a step."""
-    from matryoshka.training.text import train_text
-
     common = {
         "sizes": [32, 128, 384],
         "train_fraction": 0.001,

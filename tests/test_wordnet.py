@@ -19,7 +19,7 @@ from matryoshka.data.wordnet import (
     mask_example,
     split_synsets,
 )
-from tests.markers import WORDNET, needs_wordnet
+from tests.markers import needs_wordnet
 
 HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
 NOUN = (
@@ -41,11 +41,6 @@ def tiny_root(tmp_path: Path) -> Path:
     for name, body in {"noun": NOUN, "verb": VERB, "adj": ADJ, "adv": ADV}.items():
         (tmp_path / f"data.{name}").write_text(HEADER + body)
     return tmp_path
-
-
-@pytest.fixture(scope="module")
-def wordnet() -> list[Synset]:
-    return load_synsets(WORDNET)
 
 
 def test_parse_tiny_files(tiny_root: Path) -> None:

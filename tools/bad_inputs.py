@@ -20,15 +20,15 @@ from matryoshka.backbones import create_backbone
 from matryoshka.backbones.resnet import load_weights_file
 from matryoshka.checkpoint import load_checkpoint
 from matryoshka.cli import main as cli
-from matryoshka.cli.text import TextEvalConfig
 from matryoshka.data.images import load_dataset, stratified_split
 from matryoshka.evaluation.image import posthoc_reduce
 from matryoshka.evaluation.metrics import top_k_indices
+from matryoshka.evaluation.text import TextEvalConfig, evaluate_text_model
 from matryoshka.models.adaptor import MatryoshkaAdaptor
 from matryoshka.report import validate_results
 from matryoshka.retrieval.index import load_index, make_index
 from matryoshka.training.config import TrainConfig
-from matryoshka.training.text import TextTrainConfig, evaluate_text_model
+from matryoshka.training.text import TextTrainConfig
 
 Case = tuple[str, str, str, Callable[[], object]]
 
@@ -207,7 +207,7 @@ CASES: list[Case] = [
     ),
     (
         "text recipe (mrl train, task: text)",
-        "option",
+        "unknown config keys",
         "an unknown key",
         lambda: TextTrainConfig.from_dict({"epoch": 2}),
     ),

@@ -19,153 +19,67 @@ group is needed), then one merge:
     mrl index build corpus.npy --dim 64 --out corpus-64.index
 
 Shard ``I`` of ``N`` embeds the contiguous block of rows ``[I*n//N, (I+1)*n//N)`` of the ``n``
-texts (every process reads the same source, so all options but ``--shard`` must be the same)
-and writes ``OUT/shard-0000I-of-0000N.npy`` + ``.json`` (rows, model, size, count, SHA-256 of
-the ``.npy`` file and of the texts), atomically, the JSON last. ``embed-merge`` checks that all
-``N`` shards exist, agree on model/size/adaptor/texts, cover every row exactly once and pass
-their checksums, then writes the merged ``(n, dim)`` ``.npy`` (row ``i`` = text ``i``, what an
-unsharded ``mrl embed`` writes) with its sidecar, and ``FOLDER/manifest.json`` last.
+texts (every process reads the same source, so all options but ``--shard`` must be the same);
+the shard files and the checks of the merge are :mod:`matryoshka.embed.shards`.
 
 ``embed`` writes an ``(N, dim)`` float32 ``.npy`` and a JSON sidecar beside it (model, size,
 count, source). Encodings of the full vectors are cached on disk (``--cache-dir``), so
 re-running with another ``--dim`` or adaptor does not re-encode. ``text-eval`` takes the fields
-of :class:`TextEvalConfig` as flags and/or a YAML recipe (flags override the recipe).
+of :class:`~matryoshka.evaluation.text.TextEvalConfig` as flags and/or a YAML recipe (flags
+override the recipe). This module only reads arguments and calls the library.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import io
 import json
-import os
-import re
-import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from matryoshka.cli.args import add_dataclass_arguments
-from matryoshka.io import atomic_write_bytes
-from matryoshka.training.text import WordnetTextOptions, check_text_options, config_from_dict
+from matryoshka.cli.args import (
+    UsageError,
+    add_dataclass_arguments,
+    add_deprecated_alias,
+    fail,
+    overrides,
+)
+from matryoshka.data.wordnet import WORDNET_FIELDS, wordnet_texts
+from matryoshka.embed.shards import merge_shards, parse_shard, shard_rows, write_shard
+from matryoshka.evaluation.text import TextEvalConfig
 
 __all__ = [
-    "WORDNET_FIELDS",
-    "TextEvalConfig",
     "add_arguments",
     "cmd_adaptor_fit",
     "cmd_embed",
     "cmd_embed_merge",
     "cmd_text_eval",
-    "merge_shards",
-    "parse_shard",
-    "shard_path",
-    "shard_rows",
-    "wordnet_texts",
 ]
-
-#: What ``--wordnet`` can embed: every synset's definition, lemma list, or usage examples.
-WORDNET_FIELDS = ("definitions", "lemmas", "examples")
-
-
-class _UsageError(ValueError):
-    """A bad option or input: reported as ``mrl: error: ...`` with exit status 2."""
-
-
-def _fail(message: str) -> int:
-    print(f"mrl: error: {message}", file=sys.stderr)
-    return 2
-
-
-@dataclass
-class TextEvalConfig(WordnetTextOptions):
-    """Options of the WordNet text evaluation (:func:`matryoshka.evaluation.text.run_wordnet_evaluation`).
-
-    Validated on construction; :meth:`from_dict` reads a YAML recipe's mapping.
-    """
-
-    out_dir: str = field(
-        default="results/text_wordnet",
-        metadata={"help": "folder for results.json and the report"},
-    )
-    train_pairs: int = field(
-        default=8000,
-        metadata={"help": "(definition, lemmas) pairs to fine-tune on; 0 skips fine-tuning"},
-    )
-    adaptor_epochs: int = field(default=6, metadata={"help": "epochs of the adaptor fit"})
-    adaptor_reg: float = field(
-        default=0.5,
-        metadata={"help": "supervised adaptor: weight keeping the map near its PCA start"},
-    )
-    probe_limit: int = field(
-        default=10000, metadata={"help": "at most this many training synsets for the probe"}
-    )
-
-    def __post_init__(self) -> None:
-        check_text_options(
-            self,
-            ints=(("train_pairs", 0), ("adaptor_epochs", 1), ("probe_limit", 10), ("seed", 0)),
-            floats=(("adaptor_reg", 0.0, True),),
-        )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TextEvalConfig:
-        """Build from a mapping (e.g. a YAML recipe); unknown keys are an error naming them."""
-        return config_from_dict(cls, data, "text-eval")
-
-
-def wordnet_texts(
-    what: str,
-    root: str | Path = "/usr/share/wordnet",
-    fraction: float = 1.0,
-    seed: int = 0,
-    limit: int | None = None,
-) -> list[str]:
-    """Texts from WordNet: ``what`` of a seeded share ``fraction`` of the synsets (file order),
-    at most ``limit`` of them. ``examples`` yields every usage example of those synsets."""
-    from matryoshka.data.wordnet import load_synsets, split_synsets
-
-    if what not in WORDNET_FIELDS:
-        raise _UsageError(
-            f"what={what!r} (--wordnet) is not one of {list(WORDNET_FIELDS)}: pick one of them."
-        )
-    synsets = load_synsets(root)
-    if fraction != 1.0:
-        synsets = split_synsets(synsets, seed, {"subset": fraction})["subset"]
-    if what == "definitions":
-        texts = [s.definition for s in synsets]
-    elif what == "lemmas":
-        texts = [s.lemma_text for s in synsets]
-    else:
-        texts = [e for s in synsets for e in s.examples]
-    return texts if limit is None else texts[:limit]
 
 
 def _read_lines(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
-        raise _UsageError(f"--input {path!r} does not exist: pass a text file, one text per line.")
+        raise UsageError(f"--input {path!r} does not exist: pass a text file, one text per line.")
     lines = p.read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
-            raise _UsageError(
+            raise UsageError(
                 f"--input {path!r} line {i} is empty: put one non-empty text on every line "
                 "(row i of the output is line i)."
             )
     if not lines:
-        raise _UsageError(f"--input {path!r} is empty: put one text per line.")
+        raise UsageError(f"--input {path!r} is empty: put one text per line.")
     return lines
 
 
 def _check_source(args: argparse.Namespace) -> None:
     if args.fraction is not None and not 0 < args.fraction <= 1:
-        raise _UsageError(f"--fraction {args.fraction} must be in (0, 1], e.g. 0.05.")
+        raise UsageError(f"--fraction {args.fraction} must be in (0, 1], e.g. 0.05.")
     if args.limit is not None and args.limit < 1:
-        raise _UsageError(f"--limit {args.limit} must be a positive int.")
+        raise UsageError(f"--limit {args.limit} must be a positive int.")
 
 
 def _source_texts(args: argparse.Namespace) -> tuple[list[str], str]:
@@ -179,7 +93,7 @@ def _source_texts(args: argparse.Namespace) -> tuple[list[str], str]:
     if args.limit is not None:
         texts, label = texts[: args.limit], f"{label}:limit={args.limit}"
     if not texts:
-        raise _UsageError(f"{label} has no texts: choose another source or a larger --fraction.")
+        raise UsageError(f"{label} has no texts: choose another source or a larger --fraction.")
     return texts, label
 
 
@@ -190,7 +104,7 @@ def _encode(
     from matryoshka.models.text_encoder import encode_cached
 
     if args.no_cache:
-        out: np.ndarray = encoder.encode(texts, batch_size=batch_size, progress=not args.quiet)
+        out: np.ndarray = encoder.encode(texts, batch_size=batch_size, progress=args.progress)
         return out
     return encode_cached(
         texts,
@@ -198,144 +112,8 @@ def _encode(
         cache_dir=args.cache_dir,
         key=f"cli/{label}",
         batch_size=batch_size,
-        progress=not args.quiet,
+        progress=args.progress,
     )
-
-
-#: ``format`` of a shard's JSON sidecar and of the merge manifest.
-SHARD_FORMAT = "matryoshka.embed-shard/1"
-MANIFEST_FORMAT = "matryoshka.embed-manifest/1"
-_SHARD_JSON = re.compile(r"shard-(\d+)-of-(\d+)\.json")
-_SHARD_KEYS = (
-    "format",
-    "shard",
-    "num_shards",
-    "row_start",
-    "row_stop",
-    "count",
-    "total_rows",
-    "model",
-    "model_fingerprint",
-    "size",
-    "full_size",
-    "dtype",
-    "normalized",
-    "adaptor",
-    "adaptor_sha256",
-    "source",
-    "texts_sha256",
-    "sha256",
-)
-
-
-def parse_shard(spec: str, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """``--shard`` -> ``(index, count)``: ``"I/N"`` (0-based, ``0 <= I < N``), or ``"auto"``:
-    torchrun's ``RANK`` and ``WORLD_SIZE`` (global ranks, so it spans machines) from
-    ``environ`` (default :data:`os.environ`)."""
-    env = os.environ if environ is None else environ
-    if spec == "auto":
-        rank, world = env.get("RANK"), env.get("WORLD_SIZE")
-        if rank is None or world is None:
-            raise _UsageError(
-                "--shard auto reads RANK and WORLD_SIZE, which are not set: launch with torchrun "
-                "(torchrun --nproc-per-node 4 -m matryoshka.cli embed ... --shard auto) or pass "
-                "--shard I/N."
-            )
-        text, where = f"{rank}/{world}", "--shard auto (RANK/WORLD_SIZE)"
-    else:
-        text, where = spec, "--shard"
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if m is None:
-        raise _UsageError(
-            f"{where} {text!r} is not I/N: pass e.g. --shard 0/4 (block 0 of 4) or --shard auto."
-        )
-    index, count = int(m[1]), int(m[2])
-    if count < 1 or index >= count:
-        n = max(count, 1)
-        raise _UsageError(
-            f"{where} {text!r}: I is 0-based and needs 0 <= I < N, i.e. --shard 0/{n} ... "
-            f"--shard {n - 1}/{n}."
-        )
-    return index, count
-
-
-def shard_rows(n_rows: int, index: int, count: int) -> tuple[int, int]:
-    """Half-open row range ``[start, stop)`` of shard ``index`` of ``count`` over ``n_rows``
-    rows: contiguous blocks, in order, sizes differing by at most one, covering each row once."""
-    return index * n_rows // count, (index + 1) * n_rows // count
-
-
-def shard_path(folder: str | Path, index: int, count: int) -> Path:
-    """``folder/shard-0000I-of-0000N.npy``; its JSON sidecar is the same path with ``.json``."""
-    return Path(folder) / f"shard-{index:05d}-of-{count:05d}.npy"
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _adaptor_sha256(adaptor: str | None) -> str | None:
-    """SHA-256 of the adaptor's weights file: the same adaptor may lie at other paths elsewhere."""
-    if not adaptor:
-        return None
-    p = Path(adaptor)
-    stem = p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
-    return _file_sha256(stem.with_suffix(".safetensors"))
-
-
-def _write_shard(
-    args: argparse.Namespace,
-    folder: Path,
-    shard: tuple[int, int],
-    rows: tuple[int, int],
-    texts: list[str],
-    label: str,
-    encoder: Any,
-    emb: np.ndarray,
-) -> int:
-    """Write shard ``emb`` (rows ``rows`` of ``texts``) and its JSON, each atomically, JSON last
-    (a shard without its JSON is not there yet)."""
-    index, count = shard
-    start, stop = rows
-    path = shard_path(folder, index, count)
-    data = _npy_bytes(emb)
-    meta = {
-        "format": SHARD_FORMAT,
-        "shard": index,
-        "num_shards": count,
-        "row_start": start,
-        "row_stop": stop,
-        "count": int(emb.shape[0]),
-        "total_rows": len(texts),
-        "model": encoder.name,
-        "model_fingerprint": encoder.fingerprint(),
-        "size": int(emb.shape[1]),
-        "full_size": int(encoder.dim),
-        "dtype": str(emb.dtype),
-        "normalized": bool(args.normalize),
-        "adaptor": str(args.adaptor) if args.adaptor else None,
-        "adaptor_sha256": _adaptor_sha256(args.adaptor),
-        "source": label,
-        "texts_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
-    atomic_write_bytes(path, data)
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2).encode())
-    print(
-        f"wrote {path} (shard {index} of {count}: rows {start}:{stop} of {len(texts)}, "
-        f"{emb.shape[0]} x {emb.shape[1]}, {encoder.name}) and {path.with_suffix('.json')}"
-    )
-    return 0
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -348,31 +126,31 @@ def cmd_embed(args: argparse.Namespace) -> int:
     try:
         _check_source(args)
         if args.dim is not None and args.dim < 1:
-            raise _UsageError(f"--dim {args.dim} must be a positive int, e.g. 64.")
+            raise UsageError(f"--dim {args.dim} must be a positive int, e.g. 64.")
         if args.batch_size < 1:
-            raise _UsageError(f"--batch-size {args.batch_size} must be a positive int, e.g. 64.")
+            raise UsageError(f"--batch-size {args.batch_size} must be a positive int, e.g. 64.")
         out = Path(args.out)
         shard = None if args.shard is None else parse_shard(args.shard)
         if shard is not None:
             if out.suffix == ".npy" or out.is_file():
-                raise _UsageError(
+                raise UsageError(
                     f"--out {args.out!r}: with --shard, --out is a folder for the shard files "
                     "(e.g. --out shards/); merge them with `mrl embed-merge shards/ --out X.npy`."
                 )
         elif out.suffix != ".npy":
-            raise _UsageError(f"--out {args.out!r} must end in .npy, e.g. emb.npy.")
+            raise UsageError(f"--out {args.out!r} must end in .npy, e.g. emb.npy.")
         adaptor = MatryoshkaAdaptor.load(args.adaptor) if args.adaptor else None
         texts, label = _source_texts(args)
         encoder = TextEncoder(args.model)
         d = encoder.dim
         dim = d if args.dim is None else args.dim
         if dim > d:
-            raise _UsageError(
+            raise UsageError(
                 f"--dim {dim} is larger than {encoder.name}'s {d} dimensions: pass --dim "
                 f"between 1 and {d}."
             )
         if adaptor is not None and adaptor.nesting.dim != d:
-            raise _UsageError(
+            raise UsageError(
                 f"--adaptor {args.adaptor!r} was fitted on {adaptor.nesting.dim}-d embeddings but "
                 f"{encoder.name} makes {d}-d ones: fit an adaptor on this model's embeddings."
             )
@@ -388,10 +166,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
             emb = truncate_numpy(full, dim, normalize=args.normalize)  # (N, dim)
         else:  # a shard of more shards than rows: an empty block, nothing to encode
             emb = np.zeros((0, dim), dtype=np.float32)
-    except (_UsageError, ValueError, FileNotFoundError, ImportError) as e:
-        return _fail(str(e))
+    except (UsageError, ValueError, FileNotFoundError, ImportError) as e:
+        return fail(str(e))
     if shard is not None:
-        return _write_shard(args, out, shard, (start, stop), all_texts, label, encoder, emb)
+        path = write_shard(
+            out, shard, (start, stop), all_texts, label, encoder, emb, args.normalize, args.adaptor
+        )
+        print(
+            f"wrote {path} (shard {shard[0]} of {shard[1]}: rows {start}:{stop} of "
+            f"{len(all_texts)}, {emb.shape[0]} x {emb.shape[1]}, {encoder.name}) and "
+            f"{path.with_suffix('.json')}"
+        )
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, emb)
     meta = {
@@ -410,202 +196,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Fields every shard must share, and the fix when one differs from shard 0's.
-_SAME_FIX = "re-run it with the same --model, --dim, --adaptor and --normalize as the others"
-_SAME_TEXTS = "it was embedded from other texts: re-run it with the same --input/--wordnet options"
-_MUST_AGREE = (
-    ("model", _SAME_FIX),
-    ("model_fingerprint", _SAME_FIX + " (same name, other weights)"),
-    ("full_size", _SAME_FIX),
-    ("size", _SAME_FIX),
-    ("adaptor_sha256", _SAME_FIX),
-    ("normalized", _SAME_FIX),
-    ("dtype", _SAME_FIX),
-    ("total_rows", _SAME_TEXTS),
-    ("texts_sha256", _SAME_TEXTS),
-)
-
-
-def _rerun(folder: Path, index: int, count: int) -> str:
-    return (
-        f"re-run `mrl embed <the same options> --shard {index}/{count} --out {folder}` and merge "
-        "again"
-    )
-
-
-def _read_shard_meta(folder: Path, index: int, count: int) -> dict[str, Any]:
-    path = shard_path(folder, index, count).with_suffix(".json")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _UsageError(
-            f"shard {index} ({path}) is not readable JSON ({e}): {_rerun(folder, index, count)}."
-        ) from None
-    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
-        raise _UsageError(
-            f"shard {index} ({path}) is not a shard written by `mrl embed --shard` (format "
-            f"{SHARD_FORMAT!r}): {_rerun(folder, index, count)}."
-        )
-    missing = [k for k in _SHARD_KEYS if k not in meta]
-    if missing or (meta["shard"], meta["num_shards"]) != (index, count):
-        raise _UsageError(
-            f"shard {index} ({path}) is damaged or renamed (missing {missing}, or it says shard "
-            f"{meta.get('shard')} of {meta.get('num_shards')}): {_rerun(folder, index, count)}."
-        )
-    return meta
-
-
-def _shard_counts(folder: Path) -> dict[int, set[int]]:
-    """``{N: {I, ...}}`` of the ``shard-I-of-N.json`` files in ``folder``."""
-    found: dict[int, set[int]] = {}
-    for p in folder.iterdir():
-        m = _SHARD_JSON.fullmatch(p.name)
-        if m:
-            found.setdefault(int(m[2]), set()).add(int(m[1]))
-    return found
-
-
-def merge_shards(
-    folder: str | Path, out: str | Path, manifest: str | Path | None = None
-) -> dict[str, Any]:
-    """Check the shards of ``mrl embed --shard`` in ``folder`` and merge them into ``out``.
-
-    All ``N`` shards must exist, agree on model (name and weights), size, adaptor, normalization
-    and source texts, cover rows ``0..n-1`` exactly once and match their SHA-256; otherwise a
-    :class:`ValueError` names the shard and the fix. Writes (each atomically) ``out``: the
-    ``(n, dim)`` array in original row order, its JSON sidecar (as ``mrl embed`` writes), then
-    ``manifest`` (default ``folder/manifest.json``). Returns the manifest.
-    """
-    folder, out = Path(folder), Path(out)
-    manifest_path = folder / "manifest.json" if manifest is None else Path(manifest)
-    if out.suffix != ".npy":
-        raise _UsageError(f"--out {str(out)!r} must end in .npy, e.g. corpus.npy.")
-    if not folder.is_dir():
-        raise _UsageError(
-            f"{str(folder)!r} is not a folder: pass the --out folder of `mrl embed --shard`."
-        )
-    found = _shard_counts(folder)
-    if not found:
-        raise _UsageError(
-            f"{folder} holds no shard-*-of-*.json: write the shards with `mrl embed ... "
-            f"--shard I/N --out {folder}` (or --shard auto under torchrun) first."
-        )
-    if len(found) > 1:
-        raise _UsageError(
-            f"{folder} holds shards of runs with different N {sorted(found)}: keep the shards "
-            "of one run only (delete the others' shard-*-of-* files or use separate folders)."
-        )
-    ((count, indices),) = found.items()
-    stray = sorted(i for i in indices if i >= count)
-    if stray:
-        raise _UsageError(
-            f"{folder} holds shard(s) {stray} of {count}, but shards are numbered 0..{count - 1}: "
-            "delete those files."
-        )
-    missing = [i for i in range(count) if i not in indices]
-    if missing:
-        i = missing[0]
-        also = f" ({len(missing)} shards are missing: {missing})" if len(missing) > 1 else ""
-        raise _UsageError(
-            f"shard {i} of {count} ({shard_path(folder, i, count)}) is missing{also}: "
-            f"{_rerun(folder, i, count)}."
-        )
-    metas = [_read_shard_meta(folder, i, count) for i in range(count)]
-    ref = metas[0]
-    for i, meta in enumerate(metas[1:], 1):
-        for key, fix in _MUST_AGREE:
-            if meta[key] != ref[key]:
-                raise _UsageError(
-                    f"shard {i} ({shard_path(folder, i, count)}) has {key}={meta[key]!r} but "
-                    f"shard 0 has {key}={ref[key]!r}: {fix} ({_rerun(folder, i, count)})."
-                )
-    row = 0
-    for i, meta in enumerate(metas):
-        start, stop = meta["row_start"], meta["row_stop"]
-        if start != row or stop < start or meta["count"] != stop - start:
-            raise _UsageError(
-                f"shard {i} ({shard_path(folder, i, count)}) holds rows {start}:{stop} "
-                f"({meta['count']} rows) but the shards before it end at row {row}: rows would "
-                f"be missed or doubled; {_rerun(folder, i, count)}."
-            )
-        row = stop
-    if row != ref["total_rows"]:
-        raise _UsageError(
-            f"the shards in {folder} cover rows 0:{row} of {ref['total_rows']}: "
-            f"{_rerun(folder, count - 1, count)}."
-        )
-    arrays = []
-    for i, meta in enumerate(metas):
-        npy = shard_path(folder, i, count)
-        if not npy.is_file():
-            raise _UsageError(f"shard {i} ({npy}) is missing: {_rerun(folder, i, count)}.")
-        digest = _file_sha256(npy)
-        if digest != meta["sha256"]:
-            raise _UsageError(
-                f"shard {i} ({npy}) fails its checksum (SHA-256 {digest[:12]}..., its .json says "
-                f"{meta['sha256'][:12]}...): the file is corrupted or torn; "
-                f"{_rerun(folder, i, count)}."
-            )
-        arr = np.load(npy, mmap_mode="r", allow_pickle=False)
-        if arr.shape != (meta["count"], meta["size"]) or str(arr.dtype) != meta["dtype"]:
-            raise _UsageError(
-                f"shard {i} ({npy}) holds a {arr.dtype} array of shape {arr.shape}, not "
-                f"({meta['count']}, {meta['size']}) {meta['dtype']}: {_rerun(folder, i, count)}."
-            )
-        arrays.append(arr)
-    merged = np.concatenate(arrays, axis=0)  # (n, dim), row i = text i
-    data = _npy_bytes(merged)
-    atomic_write_bytes(out, data)
-    sidecar = {
-        "model": ref["model"],
-        "size": ref["size"],
-        "full_size": ref["full_size"],
-        "count": int(merged.shape[0]),
-        "dtype": str(merged.dtype),
-        "normalized": ref["normalized"],
-        "adaptor": ref["adaptor"],
-        "source": ref["source"],
-        "manifest": str(manifest_path),
-    }
-    atomic_write_bytes(out.with_suffix(".json"), json.dumps(sidecar, indent=2).encode())
-    shared = ("model", "model_fingerprint", "size", "full_size", "dtype", "normalized")
-    result: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "num_shards": count,
-        "rows": ref["total_rows"],
-        **{k: ref[k] for k in shared},
-        "adaptor": ref["adaptor"],
-        "adaptor_sha256": ref["adaptor_sha256"],
-        "source": ref["source"],
-        "texts_sha256": ref["texts_sha256"],
-        "shards": [
-            {
-                "file": shard_path(folder, i, count).name,
-                "shard": i,
-                "row_start": m["row_start"],
-                "row_stop": m["row_stop"],
-                "count": m["count"],
-                "sha256": m["sha256"],
-            }
-            for i, m in enumerate(metas)
-        ],
-        "merged": {
-            "path": str(out),
-            "shape": list(merged.shape),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        },
-    }
-    atomic_write_bytes(manifest_path, json.dumps(result, indent=2).encode())
-    return result
-
-
 def cmd_embed_merge(args: argparse.Namespace) -> int:
     """``mrl embed-merge FOLDER --out X.npy``: check and merge the shards of ``mrl embed
     --shard``, write the manifest; returns 0, or 2 with a message naming the shard and the fix."""
     try:
         manifest = merge_shards(args.folder, args.out, args.manifest)
-    except (_UsageError, ValueError, OSError) as e:
-        return _fail(str(e))
+    except (UsageError, ValueError, OSError) as e:
+        return fail(str(e))
     rows, size = manifest["merged"]["shape"]
     where = args.manifest or Path(args.folder) / "manifest.json"
     print(
@@ -618,16 +215,16 @@ def cmd_embed_merge(args: argparse.Namespace) -> int:
 def _load_embeddings(path: str, flag: str = "--embeddings") -> np.ndarray:
     p = Path(path)
     if not p.is_file():
-        raise _UsageError(
+        raise UsageError(
             f"{flag} {path!r} does not exist: pass an (N, d) float .npy (e.g. from "
             "`mrl embed` without --dim)."
         )
     try:
         arr = np.load(p, allow_pickle=False)
     except ValueError as e:
-        raise _UsageError(f"{flag} {path!r} is not a NumPy .npy array ({e}).") from None
+        raise UsageError(f"{flag} {path!r} is not a NumPy .npy array ({e}).") from None
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
-        raise _UsageError(
+        raise UsageError(
             f"{flag} {path!r} holds a {arr.dtype} array of shape {arr.shape}: pass an "
             "(N, d) float matrix."
         )
@@ -637,7 +234,7 @@ def _load_embeddings(path: str, flag: str = "--embeddings") -> np.ndarray:
 def _load_pairs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray] | None:
     """``--queries`` and ``--documents`` (row i of each a matching pair), or None."""
     if (args.queries is None) != (args.documents is None):
-        raise _UsageError(
+        raise UsageError(
             "--queries and --documents go together: pass both (.npy files of matching rows) "
             "for the supervised fit, or neither."
         )
@@ -659,7 +256,7 @@ def cmd_adaptor_fit(args: argparse.Namespace) -> int:
         try:
             nesting = Nesting(args.sizes)
         except ValueError as e:
-            raise _UsageError(f"--sizes: {e}") from None
+            raise UsageError(f"--sizes: {e}") from None
         if args.embeddings is not None:
             x = _load_embeddings(args.embeddings)
             source = str(args.embeddings)
@@ -669,19 +266,19 @@ def cmd_adaptor_fit(args: argparse.Namespace) -> int:
             texts, source = _source_texts(args)
             encoder = TextEncoder(args.model)
             if encoder.dim != nesting.dim:  # before encoding, which takes minutes
-                raise _UsageError(
+                raise UsageError(
                     f"--sizes {args.sizes} ends at {nesting.dim} but {encoder.name} makes "
                     f"{encoder.dim}-d embeddings: make the last size {encoder.dim}."
                 )
             x = _encode(args, texts, source, encoder)
         n, d = x.shape
         if d != nesting.dim:
-            raise _UsageError(
+            raise UsageError(
                 f"--sizes {args.sizes} ends at {nesting.dim} but the embeddings have {d} "
                 f"dimensions: make the last size {d}."
             )
         if n < d:
-            raise _UsageError(
+            raise UsageError(
                 f"{source} gives {n} embeddings of {d} dimensions: fit the adaptor on at least "
                 f"{d} (its starting rotation is a PCA of them); use more texts."
             )
@@ -694,15 +291,15 @@ def cmd_adaptor_fit(args: argparse.Namespace) -> int:
             lr=args.lr,
             reg=args.reg,
             seed=args.seed,
-            progress=not args.quiet,
+            progress=args.progress,
         )
         if pairs is None:
             adaptor.fit(x)
         else:
             adaptor.fit(x, queries=pairs[0], documents=pairs[1])
         path = adaptor.save(args.out)
-    except (_UsageError, ValueError, FileNotFoundError, ImportError) as e:
-        return _fail(str(e))
+    except (UsageError, ValueError, FileNotFoundError, ImportError) as e:
+        return fail(str(e))
     print(
         f"wrote {path} and {path.with_suffix('.json')}: sizes {list(nesting)}, fitted on {n} "
         f"embeddings ({source}); loss {adaptor.history_[0]:.4f} -> {adaptor.history_[-1]:.4f}"
@@ -711,24 +308,12 @@ def cmd_adaptor_fit(args: argparse.Namespace) -> int:
 
 
 def _text_eval_config(args: argparse.Namespace) -> TextEvalConfig:
-    data: dict[str, Any] = {}
-    if args.config is not None:
-        import yaml
+    from matryoshka.config import load_recipe, load_yaml
 
-        p = Path(args.config)
-        if not p.is_file():
-            raise _UsageError(f"--config {args.config!r} does not exist: pass a YAML recipe.")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise _UsageError(
-                f"--config {args.config!r} must hold a mapping of text-eval options, e.g. "
-                "train_pairs: 2000."
-            )
-        data.update(loaded)
-    for f in dataclasses.fields(TextEvalConfig):
-        if getattr(args, f.name, None) is not None:
-            data[f.name] = getattr(args, f.name)
-    return TextEvalConfig.from_dict(data)
+    data = (
+        load_yaml(args.config, "text-eval options, e.g. train_pairs: 2000") if args.config else {}
+    )
+    return load_recipe(TextEvalConfig, args.config, overrides(args, TextEvalConfig), data=data)
 
 
 def cmd_text_eval(args: argparse.Namespace) -> int:
@@ -737,21 +322,9 @@ def cmd_text_eval(args: argparse.Namespace) -> int:
 
     try:
         config = _text_eval_config(args)
-        results = run_wordnet_evaluation(
-            out_dir=Path(config.out_dir),
-            sizes=config.sizes,
-            train_fraction=config.train_fraction,
-            test_fraction=config.test_fraction,
-            train_pairs=config.train_pairs,
-            adaptor_epochs=config.adaptor_epochs,
-            adaptor_reg=config.adaptor_reg,
-            probe_limit=config.probe_limit,
-            seed=config.seed,
-            cache_dir=Path(config.cache_dir),
-            progress=config.progress,
-        )
-    except (_UsageError, ValueError, FileNotFoundError, ImportError) as e:
-        return _fail(str(e))
+        results = run_wordnet_evaluation(config)
+    except (UsageError, ValueError, FileNotFoundError, ImportError) as e:
+        return fail(str(e))
     print(format_tables(results))
     print(f"wrote {Path(config.out_dir) / 'results.json'} ({results['meta']['total_s']} s)")
     return 0
@@ -780,7 +353,10 @@ def _add_source_arguments(p: argparse.ArgumentParser, other: str) -> None:
     p.add_argument("--model", default=None, help="sentence-transformers model (default MiniLM)")
     p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache folder")
     p.add_argument("--no-cache", action="store_true", help="encode without the disk cache")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
+    )
+    add_deprecated_alias(p, "--quiet", "--no-progress", dest="progress", const=False)
 
 
 def _add_embed(p: argparse.ArgumentParser) -> None:

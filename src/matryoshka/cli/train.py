@@ -96,7 +96,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(config, "task", "image") == "text":
         from matryoshka.training.text import train_text
 
-        folder = train_text(config)
+        try:
+            folder = train_text(config)
+        except ValueError as e:  # e.g. sizes that do not end at the model's dimension
+            raise SystemExit(f"mrl: bad config: {e}") from None
         print(f"saved {folder / 'model'}; evaluate it with: mrl eval --run {folder}")
         return 0
     from matryoshka.training.image import train
@@ -110,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """``mrl eval``: top-1 per size of a saved model on its data set's test split, or per-size
     retrieval of a text run (a folder with ``text_model.json``) on its held-out synsets."""
-    from matryoshka.training.text import evaluate_text_model, is_text_run
+    from matryoshka.evaluation.text import evaluate_text_model, is_text_run
 
     if args.run is None:
         raise SystemExit(

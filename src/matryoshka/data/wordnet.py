@@ -16,6 +16,10 @@ Tasks built here (all over one list of synsets, e.g. one split):
   corpus entry whose text equals the target's text counts as relevant.
 * :func:`lexname_task`: definition -> lexicographer category (45-way), with the coarse part of
   speech as a second label for multi-task training (:class:`ClassificationTask`).
+
+Text lists and splits shared by the text commands: :func:`wordnet_texts` (what ``mrl embed
+--wordnet`` and ``mrl adaptor fit --wordnet`` embed) and :func:`wordnet_split` (the seeded
+train/test split of the text recipes).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 __all__ = [
     "LEXNAMES",
     "POS_NAMES",
+    "WORDNET_FIELDS",
     "ClassificationTask",
     "RetrievalTask",
     "Synset",
@@ -40,6 +45,8 @@ __all__ = [
     "load_synsets",
     "mask_example",
     "split_synsets",
+    "wordnet_split",
+    "wordnet_texts",
 ]
 
 #: Lexicographer file number -> category name, from lexnames(5WN). 45 categories.
@@ -57,6 +64,10 @@ LEXNAMES: tuple[str, ...] = (
 
 #: Coarse part of speech: the letter used in synset ids (adjective satellites count as "a").
 POS_NAMES: tuple[str, ...] = ("n", "v", "a", "r")
+
+#: What :func:`wordnet_texts` (``--wordnet``) can list: every synset's definition, lemma list, or
+#: usage examples.
+WORDNET_FIELDS: tuple[str, ...] = ("definitions", "lemmas", "examples")
 
 _FILES = {"noun": "n", "verb": "v", "adj": "a", "adv": "r"}
 _HYPERNYM_SYMBOLS = {"@", "@i"}  # hypernym and instance hypernym
@@ -202,6 +213,47 @@ def split_synsets(
     for (name, _), lo, hi in zip(fractions.items(), bounds[:-1], bounds[1:], strict=True):
         out[name] = [s for i, s in enumerate(synsets) if lo <= rank[i] < hi]
     return out
+
+
+def wordnet_split(
+    synsets: Sequence[Synset], seed: int, train_fraction: float, test_fraction: float
+) -> tuple[list[Synset], list[Synset]]:
+    """Seeded ``(train, test)`` synsets of the text recipes (each in input order).
+
+    The test share is drawn first, so the held-out synsets do not change when
+    ``train_fraction`` does. Fractions are validated as in :func:`split_synsets`.
+    """
+    split = split_synsets(synsets, seed, {"test": test_fraction, "train": train_fraction})
+    return split["train"], split["test"]
+
+
+def wordnet_texts(
+    what: str,
+    root: str | Path = "/usr/share/wordnet",
+    fraction: float = 1.0,
+    seed: int = 0,
+    limit: int | None = None,
+) -> list[str]:
+    """Texts from WordNet: ``what`` (one of :data:`WORDNET_FIELDS`) of a seeded share
+    ``fraction`` of the synsets, in file order, at most ``limit`` of them.
+
+    ``"definitions"`` and ``"lemmas"`` give one text per synset; ``"examples"`` every usage
+    example of those synsets. Raises ``ValueError`` for an unknown ``what``.
+    """
+    if what not in WORDNET_FIELDS:
+        raise ValueError(
+            f"what={what!r} (--wordnet) is not one of {list(WORDNET_FIELDS)}: pick one of them."
+        )
+    synsets = load_synsets(root)
+    if fraction != 1.0:
+        synsets = split_synsets(synsets, seed, {"subset": fraction})["subset"]
+    if what == "definitions":
+        texts = [s.definition for s in synsets]
+    elif what == "lemmas":
+        texts = [s.lemma_text for s in synsets]
+    else:
+        texts = [e for s in synsets for e in s.examples]
+    return texts if limit is None else texts[:limit]
 
 
 @dataclass(frozen=True)

@@ -1,36 +1,43 @@
 """Per-size evaluation of text embeddings on WordNet: retrieval baselines and a linear probe.
 
-    python -m matryoshka.evaluation.text [--out results/text_wordnet] [--train-pairs 8000]
+    mrl text-eval --config configs/text_wordnet.yaml [--out-dir results/text_wordnet] [--train-pairs 8000]
+    mrl eval --model runs/text_mrl                  # one run of `mrl train` (task: text)
 
-Retrieval (definition -> lemmas on held-out synsets): nDCG@10, recall@10, recall@100 and
-MRR@10 per prefix size for the base model truncated, base + PCA (uncentred, fitted on training
-embeddings), base + :class:`~matryoshka.models.adaptor.MatryoshkaAdaptor` fitted on the training
-embeddings (unsupervised), the same adaptor also trained on the training (definition, lemmas)
-pairs (supervised), MiniLM fine-tuned with the fused Matryoshka loss, and fine-tuned with plain
+:func:`run_wordnet_evaluation` (``mrl text-eval``, options :class:`TextEvalConfig`), retrieval
+(definition -> lemmas on held-out synsets): nDCG@10, recall@10, recall@100 and MRR@10 per prefix
+size for the base model truncated, base + PCA (uncentred, fitted on training embeddings), base +
+:class:`~matryoshka.models.adaptor.MatryoshkaAdaptor` fitted on the training embeddings
+(unsupervised), the same adaptor also trained on the training (definition, lemmas) pairs
+(supervised), MiniLM fine-tuned with the fused Matryoshka loss, and fine-tuned with plain
 InfoNCE (full size only) and then truncated. Classification: a logistic-regression probe per
 size on definition -> lexicographer category (45-way) for each map of the base embeddings.
 Two more retrieval tasks on the same held-out synsets report nDCG@10 per size for every
 method: lemmas -> definition, and a usage example with its headword masked -> definition.
 
+:func:`evaluate_text_model` (``mrl eval``) scores one saved text run (:func:`is_text_run`) per
+size on the held-out synsets of its own split, next to the base model truncated.
+
 Results are written as ``{"task", "sizes", "metrics": {metric: {method: [per size]}}, "meta"}``
 JSON (and rendered by ``matryoshka.report.write_report`` where that module exists).
+
+This module imports :mod:`matryoshka.training.text` (it fine-tunes as a baseline); training
+never imports evaluation.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import copy
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from matryoshka.config import from_dict
 from matryoshka.data.wordnet import (
     RetrievalTask,
     Synset,
@@ -39,25 +46,78 @@ from matryoshka.data.wordnet import (
     lemmas_to_definition,
     lexname_task,
     load_synsets,
-    split_synsets,
+    wordnet_split,
 )
 from matryoshka.evaluation.metrics import accuracy, mrr_at_k, ndcg_at_k, recall_at_k, top_k_indices
-from matryoshka.losses.contrastive import Matryoshka2dContrastiveLoss, MatryoshkaContrastiveLoss
 from matryoshka.models.adaptor import MatryoshkaAdaptor
 from matryoshka.models.text_encoder import TextEncoder, encode_cached
 from matryoshka.nesting import Nesting
 from matryoshka.ops import truncate_numpy
+from matryoshka.training.text import (
+    TEXT_MODEL_FILE,
+    TEXT_MODEL_FORMAT,
+    TextTrainConfig,
+    finetune,
+    sample_pairs,
+)
+from matryoshka.training.text_options import (
+    WordnetTextOptions,
+    check_sizes_match_model,
+    check_text_options,
+)
 
 __all__ = [
-    "finetune",
+    "TextEvalConfig",
+    "evaluate_text_model",
     "format_tables",
+    "is_text_run",
     "linear_probe",
     "retrieval_metrics",
     "run_wordnet_evaluation",
-    "wordnet_split",
 ]
 
+#: A map of full-size embeddings ``(N, d)`` to size ``m``: ``(N, d), m -> (N, m)``, unit rows.
 Transform = Callable[[np.ndarray, int], np.ndarray]
+#: Per metric, per method (or model), one value per size.
+Metrics = dict[str, dict[str, list[float]]]
+
+
+@dataclass
+class TextEvalConfig(WordnetTextOptions):
+    """Options of :func:`run_wordnet_evaluation` (``mrl text-eval`` flags and YAML keys): the one
+    place their defaults are set.
+
+    Validated on construction; :meth:`from_dict` reads a YAML recipe's mapping.
+    """
+
+    out_dir: str = field(
+        default="results/text_wordnet",
+        metadata={"help": "folder for results.json and the report"},
+    )
+    train_pairs: int = field(
+        default=8000,
+        metadata={"help": "(definition, lemmas) pairs to fine-tune on; 0 skips fine-tuning"},
+    )
+    adaptor_epochs: int = field(default=6, metadata={"help": "epochs of the adaptor fit"})
+    adaptor_reg: float = field(
+        default=0.5,
+        metadata={"help": "supervised adaptor: weight keeping the map near its PCA start"},
+    )
+    probe_limit: int = field(
+        default=10000, metadata={"help": "at most this many training synsets for the probe"}
+    )
+
+    def __post_init__(self) -> None:
+        check_text_options(
+            self,
+            ints=(("train_pairs", 0), ("adaptor_epochs", 1), ("probe_limit", 10), ("seed", 0)),
+            floats=(("adaptor_reg", 0.0, True),),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TextEvalConfig:
+        """Build from a mapping (e.g. a YAML recipe); unknown keys are an error naming them."""
+        return from_dict(cls, data)
 
 
 def retrieval_metrics(task: RetrievalTask, q: np.ndarray, c: np.ndarray) -> dict[str, float]:
@@ -85,85 +145,257 @@ def linear_probe(
     return accuracy(clf.predict(x_test), y_test)
 
 
-def finetune(
-    encoder: TextEncoder,
-    anchors: Sequence[str],
-    positives: Sequence[str],
-    nesting: Nesting,
-    matryoshka: bool = True,
-    batch_size: int = 32,
-    lr: float = 2e-5,
-    epochs: int = 1,
-    temperature: float = 0.05,
-    seed: int = 0,
-    progress: bool = True,
-    n_sizes_per_step: int | None = None,
-    layers: Sequence[int] | None = None,
-) -> TextEncoder:
-    """Fine-tune a copy of ``encoder`` on (anchor, positive) pairs with in-batch negatives.
+def _truncate(e: np.ndarray, m: int) -> np.ndarray:
+    return truncate_numpy(e, m, True)
 
-    ``matryoshka=True``: the fused Matryoshka InfoNCE over all sizes of ``nesting``; ``False``:
-    the same InfoNCE at the full size only (a plain model, truncated later). Returns the copy.
-    ``n_sizes_per_step``: train a random subset of that many sizes each step (seeded).
-    ``layers``: the 2D variant, prefix of layers x prefix of dims
-    (:class:`~matryoshka.losses.contrastive.Matryoshka2dContrastiveLoss` on the mean-pooled output of
-    those layers, 0-based; the last entry must be the model's last layer).
-    """
-    if len(anchors) != len(positives) or len(anchors) < 2:
+
+def _add_scores(
+    metrics: Metrics,
+    label: str,
+    task: RetrievalTask,
+    q: np.ndarray,
+    c: np.ndarray,
+    sizes: Sequence[int],
+    fn: Transform = _truncate,
+    only_ndcg: bool = False,
+) -> None:
+    """Append ``label``'s retrieval metrics at each size to ``metrics``: queries ``q (Q, d)``
+    and corpus ``c (N, d)`` mapped to ``(Q, m)``, ``(N, m)`` by ``fn``. ``only_ndcg``: record
+    nDCG@10 alone, as ``"ndcg@10, <task name>"``."""
+    for m in sizes:
+        scores = retrieval_metrics(task, fn(q, m), fn(c, m))
+        if only_ndcg:
+            scores = {f"ndcg@10, {task.name}": scores["ndcg@10"]}
+        for metric, value in scores.items():
+            metrics.setdefault(metric, {}).setdefault(label, []).append(value)
+
+
+def is_text_run(path: str | Path) -> bool:
+    """Whether ``path`` is a run folder (or its ``text_model.json``) written by
+    :func:`~matryoshka.training.text.train_text`."""
+    p = Path(path)
+    return (p / TEXT_MODEL_FILE).is_file() or (p.name == TEXT_MODEL_FILE and p.is_file())
+
+
+def _read_text_run(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(run folder, its text_model.json)``; errors name ``path`` and what to pass instead."""
+    p = Path(path)
+    folder = p.parent if p.name == TEXT_MODEL_FILE else p
+    if not is_text_run(folder):
+        raise FileNotFoundError(
+            f"path={str(path)!r} holds no {TEXT_MODEL_FILE}: pass a run folder written by "
+            "`mrl train` with a text recipe (task: text)."
+        )
+    meta = json.loads((folder / TEXT_MODEL_FILE).read_text())
+    if meta.get("format") != TEXT_MODEL_FORMAT:
         raise ValueError(
-            f"anchors has {len(anchors)} texts and positives {len(positives)}: pass at least "
-            "2 pairs, the same number of each."
+            f"{folder / TEXT_MODEL_FILE} has format={meta.get('format')!r}, not "
+            f"{TEXT_MODEL_FORMAT!r}: it was not written by matryoshka.training.text."
         )
-    model = TextEncoder(copy.deepcopy(encoder.model), name=f"{encoder.name}-ft")
-    ladder = nesting if matryoshka else Nesting([nesting.dim])
-    loss_fn: MatryoshkaContrastiveLoss | Matryoshka2dContrastiveLoss
-    if layers is not None:
-        last = model.n_layers - 1
-        if not layers or list(layers)[-1] != last:
-            raise ValueError(
-                f"layers={list(layers)} must end at the model's last layer ({last}, 0-based) so "
-                f"the full model is trained, e.g. layers=[{max(0, last - 2)}, {last}]."
+    return folder, meta
+
+
+def evaluate_text_model(
+    path: str | Path, cache_dir: str | Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Per-size retrieval (definition -> lemmas) of a saved text run on its held-out synsets.
+
+    Returns ``{"task", "sizes", "metrics": {metric: {"fine-tuned": [...], "base truncated":
+    [...]}}, "meta"}`` with values in [0, 1], one per size; a 2D run (``layers``) adds one entry
+    per early exit (``"fine-tuned, exit after layer l of L"``) and the base model's mean pool at
+    the same layer (``"base, exit after ..."``). ``cache_dir`` defaults to the run's own.
+    """
+    folder, meta = _read_text_run(path)
+    config = TextTrainConfig.from_dict(meta["config"])
+    cache = Path(cache_dir if cache_dir is not None else config.cache_dir)
+    _, test = wordnet_split(
+        load_synsets(config.wordnet_root), config.seed, config.train_fraction, config.test_fraction
+    )
+    task = definition_to_lemmas(test)
+    kind = "mrl" if config.matryoshka else "plain"
+    tuned = TextEncoder(str(folder / "model"), name=f"{Path(folder).name}-{kind}")
+    models = {"fine-tuned": tuned, "base truncated": TextEncoder(config.model)}
+    metrics: Metrics = {}
+    for label, enc in models.items():
+        key = f"wordnet/s{config.seed}/test{round(config.test_fraction * 1000)}"
+        q = encode_cached(task.queries, enc, cache, f"{key}/definitions", progress=progress)
+        c = encode_cached(task.corpus, enc, cache, f"{key}/lemmas", progress=progress)
+        _add_scores(metrics, label, task, q, c, config.sizes)  # (Q, d), (N, d)
+    if config.layers is not None and len(config.layers) > 1:
+        # 2D: score the early exits too, and the base model's mean pool at the same layers
+        exits = config.layers[:-1]
+        for who, enc in (("fine-tuned", tuned), ("base", models["base truncated"])):
+            q = enc.encode(task.queries, layers=exits, progress=progress)  # (exits, Q, d)
+            c = enc.encode(task.corpus, layers=exits, progress=progress)
+            for j, layer in enumerate(exits):
+                label = f"{who}, exit after layer {layer + 1} of {enc.n_layers}"
+                _add_scores(metrics, label, task, q[j], c[j], config.sizes)
+    return {
+        "task": "wordnet definition->lemmas retrieval (held-out synsets)",
+        "sizes": list(config.sizes),
+        "metrics": metrics,
+        "meta": {"queries": len(task.queries), "corpus": len(task.corpus), **meta},
+    }
+
+
+class _Embeddings:
+    """Full-size embeddings ``(N, d)`` of named text lists, each loaded at most once per model
+    and run: ``what`` names one text list, so ``(model, what)`` finds an array already loaded
+    and the methods built on the base model share its embeddings instead of re-reading the disk
+    cache (and re-hashing the weights) once per method and task."""
+
+    def __init__(self, config: TextEvalConfig) -> None:
+        self.cache_dir = Path(config.cache_dir)
+        self.seed = config.seed
+        self.progress = config.progress
+        self._loaded: dict[tuple[int, str], np.ndarray] = {}
+
+    def __call__(self, enc: TextEncoder, texts: Sequence[str], what: str) -> np.ndarray:
+        key = (id(enc), what)  # the encoders outlive the run, so ids are not reused
+        if key not in self._loaded:
+            self._loaded[key] = encode_cached(
+                list(texts),
+                enc,
+                cache_dir=self.cache_dir,
+                key=f"wordnet/s{self.seed}/{what}",
+                progress=self.progress,
             )
-        loss_fn = Matryoshka2dContrastiveLoss(
-            ladder, list(layers), temperature=temperature, n_sizes_per_step=n_sizes_per_step
-        )
-    else:
-        loss_fn = MatryoshkaContrastiveLoss(
-            ladder, temperature=temperature, n_sizes_per_step=n_sizes_per_step
-        )
-    torch.manual_seed(seed)  # the size (and layer) sampling draws from torch's global RNG
-    opt = torch.optim.AdamW(model.model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    model.model.train()
-    steps = max(1, len(anchors) // batch_size)  # fewer pairs than batch_size: one smaller batch
-    bar = tqdm(total=epochs * steps, desc="fine-tune", disable=not progress)
-    for _ in range(epochs):
-        perm = torch.randperm(len(anchors), generator=gen).tolist()
-        for s in range(steps):
-            idx = perm[s * batch_size : (s + 1) * batch_size]
-            fa = model.tokenize([anchors[i] for i in idx])
-            fp = model.tokenize([positives[i] for i in idx])
-            if isinstance(loss_fn, Matryoshka2dContrastiveLoss):
-                out = loss_fn(model.forward_layers(fa), model.forward_layers(fp))
-            else:
-                out = loss_fn(model.forward(fa), model.forward(fp))
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{out.loss.item():.3f}")
-    bar.close()
-    model.model.eval()
-    return model
+        return self._loaded[key]
 
 
-def wordnet_split(
-    synsets: Sequence[Synset], seed: int, train_fraction: float, test_fraction: float
-) -> tuple[list[Synset], list[Synset]]:
-    """Seeded ``(train, test)`` synsets; the test share is drawn first, so the held-out
-    synsets do not change when ``train_fraction`` does."""
-    split = split_synsets(synsets, seed, {"test": test_fraction, "train": train_fraction})
-    return split["train"], split["test"]
+def _base_methods(
+    base: TextEncoder,
+    nesting: Nesting,
+    tr_def: np.ndarray,
+    tr_lem: np.ndarray,
+    config: TextEvalConfig,
+) -> tuple[dict[str, tuple[TextEncoder, Transform]], dict[str, float]]:
+    """The maps of the base model's embeddings: truncation, PCA and the two adaptors, fitted on
+    the training definitions ``tr_def (n, d)`` and lemmas ``tr_lem (n, d)``.
+
+    Returns ``({method: (encoder, map)}, {adaptor method: fit seconds})``.
+    """
+    fit_on = np.concatenate([tr_def, tr_lem])  # (2n, d)
+    methods: dict[str, tuple[TextEncoder, Transform]] = {
+        "base truncated": (base, _truncate),
+        "base + PCA": (base, _pca(fit_on)),
+    }
+    adaptor_s: dict[str, float] = {}
+    for name, supervised in (("base + adaptor", False), ("base + adaptor (supervised)", True)):
+        t_ad = time.time()
+        adaptor = MatryoshkaAdaptor(
+            nesting,
+            epochs=config.adaptor_epochs,
+            reg=config.adaptor_reg if supervised else 0.0,
+            seed=config.seed,
+            progress=config.progress,
+        )
+        if supervised:
+            adaptor.fit(fit_on, queries=tr_def, documents=tr_lem)
+        else:
+            adaptor.fit(fit_on)
+        adaptor_s[name] = time.time() - t_ad
+        methods[name] = (base, _adaptor_transform(adaptor))
+    return methods, adaptor_s
+
+
+def _finetuned_methods(
+    base: TextEncoder, pairs: Sequence[Synset], nesting: Nesting, config: TextEvalConfig
+) -> tuple[dict[str, tuple[TextEncoder, Transform]], dict[str, float]]:
+    """MiniLM fine-tuned on the (definition, lemmas) ``pairs`` with the Matryoshka loss and
+    plainly (full size), each then truncated; none when ``config.train_pairs`` is 0.
+
+    Returns ``({method: (encoder, truncation)}, {method: fine-tuning seconds})``.
+    """
+    methods: dict[str, tuple[TextEncoder, Transform]] = {}
+    finetune_s: dict[str, float] = {}
+    variants = (("fine-tuned MRL", True), ("fine-tuned plain", False))
+    for name, mrl in variants if config.train_pairs > 0 else ():  # 0: skip (slow on a busy CPU)
+        t_ft = time.time()
+        ft = finetune(
+            base,
+            [s.definition for s in pairs],
+            [s.lemma_text for s in pairs],
+            nesting,
+            matryoshka=mrl,
+            seed=config.seed,
+            progress=config.progress,
+        )
+        finetune_s[name] = time.time() - t_ft
+        ft.name = f"minilm-ft-{'mrl' if mrl else 'plain'}-{config.train_pairs}"
+        methods[name] = (ft, _truncate)
+    return methods, finetune_s
+
+
+def _retrieval_scores(
+    main: RetrievalTask,
+    test: Sequence[Synset],
+    methods: dict[str, tuple[TextEncoder, Transform]],
+    nesting: Nesting,
+    emb: _Embeddings,
+) -> tuple[Metrics, dict[str, tuple[int, int]]]:
+    """Every method on the three retrieval tasks of the held-out synsets ``test``: ``main``
+    (definition -> lemmas) with every metric, lemmas -> definition and example -> definition
+    with nDCG@10.
+
+    Returns ``(metrics, {task name: (queries, corpus)})``.
+    """
+    # Labels name the texts, so each text list is encoded once per model.
+    tasks = [
+        (main, "test/definitions", "test/lemmas"),
+        (lemmas_to_definition(test), "test/lemmas-distinct", "test/definitions"),
+    ]
+    # a tiny test split may hold no usable example: the other tasks still run
+    with contextlib.suppress(ValueError):
+        tasks.append((example_to_definition(test), "test/examples-masked", "test/definitions"))
+    metrics: Metrics = {}
+    task_sizes: dict[str, tuple[int, int]] = {}
+    for t, q_label, c_label in tasks:
+        task_sizes[t.name] = (len(t.queries), len(t.corpus))
+        for method, (enc, fn) in methods.items():
+            q, c = emb(enc, t.queries, q_label), emb(enc, t.corpus, c_label)
+            _add_scores(metrics, method, t, q, c, nesting.sizes, fn, only_ndcg=t is not main)
+    return metrics, task_sizes
+
+
+def _probe_scores(
+    train: Sequence[Synset],
+    test: Sequence[Synset],
+    maps: dict[str, Transform],
+    tr_def: np.ndarray,
+    emb: Callable[[Sequence[str], str], np.ndarray],
+    nesting: Nesting,
+    config: TextEvalConfig,
+) -> tuple[dict[str, list[float]], int]:
+    """The 45-way lexname probe per size on each map of the base embeddings: trained on the
+    definitions ``tr_def (n_train, d)`` of at most ``probe_limit`` seeded training synsets, tested
+    on the held-out definitions (``emb(texts, label) -> (n_test, d)``, the base model's).
+
+    Returns ``({method: [accuracy per size]}, probe training size)``.
+    """
+    probe_train, probe_test = lexname_task(train), lexname_task(test)
+    te_def = emb(probe_test.texts, "test/definitions")  # the retrieval queries: a cache hit
+    keep = np.sort(np.random.default_rng(config.seed).permutation(len(train))[: config.probe_limit])
+    y_train = np.asarray(probe_train.labels)[keep]
+    probe: dict[str, list[float]] = {}
+    for method in tqdm(maps, desc="lexname probes", disable=not config.progress):
+        fn = maps[method]
+        for m in nesting:
+            acc = linear_probe(fn(tr_def[keep], m), y_train, fn(te_def, m), probe_test.labels)
+            probe.setdefault(method, []).append(acc)
+    return probe, len(keep)
+
+
+def _write_results(results: dict[str, Any], out_dir: Path) -> None:
+    """``out_dir/results.json``, and the report beside it where :mod:`matryoshka.report` exists."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    try:
+        from matryoshka import report  # written alongside; optional here
+
+        report.write_report(results, out_dir)
+    except (ImportError, AttributeError):
+        pass
 
 
 def _pca(train: np.ndarray) -> Transform:
@@ -177,137 +409,39 @@ def _adaptor_transform(adaptor: MatryoshkaAdaptor) -> Transform:
     return lambda e, m: adaptor.transform(e, dim=m)
 
 
-def run_wordnet_evaluation(
-    out_dir: Path = Path("results/text_wordnet"),
-    sizes: Sequence[int] = (8, 16, 32, 64, 128, 256, 384),
-    train_fraction: float = 0.17,
-    test_fraction: float = 0.02,
-    train_pairs: int = 8000,
-    adaptor_epochs: int = 6,
-    adaptor_reg: float = 0.5,
-    probe_limit: int = 10000,
-    seed: int = 0,
-    cache_dir: Path = Path(".cache/embeddings"),
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run the whole evaluation; returns the results dict (also written to ``out_dir``).
+def run_wordnet_evaluation(config: TextEvalConfig) -> dict[str, Any]:
+    """Run the whole evaluation; returns the results dict (also written to ``config.out_dir``).
 
     The adaptors are fitted on every training synset's definition and lemma embeddings; the
     supervised one also on their (definition, lemmas) pairs, with ``adaptor_reg`` holding it
-    near its PCA start. The probe trains on at most ``probe_limit`` training synsets.
+    near its PCA start. The probe trains on at most ``probe_limit`` training synsets. Raises a
+    ``ValueError`` naming ``sizes`` (right after the model loads) when the last size is not the
+    model's dimension.
     """
     t0 = time.time()
-    nesting = Nesting(list(sizes))
-    if isinstance(train_pairs, bool) or not isinstance(train_pairs, int) or train_pairs < 0:
-        raise ValueError(
-            f"train_pairs={train_pairs!r} must be an int >= 0 (0 skips fine-tuning), e.g. 2000."
-        )
+    nesting = Nesting(list(config.sizes))
     base = TextEncoder()
-    if nesting.dim != base.dim:
-        raise ValueError(
-            f"sizes={list(sizes)} ends at {nesting.dim}, but {base.name} embeds in {base.dim} "
-            f"dimensions: make the last size {base.dim}."
-        )
-    train, test = wordnet_split(load_synsets(), seed, train_fraction, test_fraction)
-    task = definition_to_lemmas(test)
-
-    # Each label names one text list, so (model, label) finds an array already loaded: the
-    # methods built on the base model share its embeddings instead of re-reading the disk cache
-    # (and re-hashing the weights) once per method and task.
-    loaded: dict[tuple[int, str], np.ndarray] = {}
-
-    def emb(enc: TextEncoder, texts: Sequence[str], what: str) -> np.ndarray:
-        key = (id(enc), what)
-        if key not in loaded:
-            loaded[key] = encode_cached(
-                list(texts),
-                enc,
-                cache_dir=cache_dir,
-                key=f"wordnet/s{seed}/{what}",
-                progress=progress,
-            )
-        return loaded[key]
-
-    tr_frac = f"train{round(train_fraction * 1000)}"
-    tr_def = emb(base, [s.definition for s in train], f"{tr_frac}/definitions")
+    check_sizes_match_model(nesting, base)
+    train, test = wordnet_split(
+        load_synsets(), config.seed, config.train_fraction, config.test_fraction
+    )
+    emb = _Embeddings(config)
+    tr_frac = f"train{round(config.train_fraction * 1000)}"
+    tr_def = emb(base, [s.definition for s in train], f"{tr_frac}/definitions")  # (n_train, d)
     tr_lem = emb(base, [s.lemma_text for s in train], f"{tr_frac}/lemmas")
-    fit_on = np.concatenate([tr_def, tr_lem])
-
-    trunc: Transform = lambda e, m: truncate_numpy(e, m, True)  # noqa: E731
     # name -> (encoder, map of its full-size embeddings to size m)
-    methods: dict[str, tuple[TextEncoder, Transform]] = {}
-    methods["base truncated"] = (base, trunc)
-    methods["base + PCA"] = (base, _pca(fit_on))
-    adaptor_s: dict[str, float] = {}
-    for name, supervised in (("base + adaptor", False), ("base + adaptor (supervised)", True)):
-        t_ad = time.time()
-        adaptor = MatryoshkaAdaptor(
-            nesting,
-            epochs=adaptor_epochs,
-            reg=adaptor_reg if supervised else 0.0,
-            seed=seed,
-            progress=progress,
-        )
-        if supervised:
-            adaptor.fit(fit_on, queries=tr_def, documents=tr_lem)
-        else:
-            adaptor.fit(fit_on)
-        adaptor_s[name] = time.time() - t_ad
-        methods[name] = (base, _adaptor_transform(adaptor))
-    linear = list(methods)  # maps of the base embeddings: the probe runs on each of them
-
-    # A seeded sample of the training split (its file order puts every noun first).
-    pick = np.random.default_rng(seed).permutation(len(train))[:train_pairs]
-    pairs = [train[i] for i in sorted(pick.tolist())]
-    finetune_s: dict[str, float] = {}
-    variants = (("fine-tuned MRL", True), ("fine-tuned plain", False)) if train_pairs > 0 else ()
-    for name, mrl in variants:  # train_pairs=0 skips fine-tuning (slow on a busy CPU)
-        t_ft = time.time()
-        ft = finetune(
-            base,
-            [s.definition for s in pairs],
-            [s.lemma_text for s in pairs],
-            nesting,
-            matryoshka=mrl,
-            seed=seed,
-            progress=progress,
-        )
-        finetune_s[name] = time.time() - t_ft
-        ft.name = f"minilm-ft-{'mrl' if mrl else 'plain'}-{train_pairs}"
-        methods[name] = (ft, trunc)
+    methods, adaptor_s = _base_methods(base, nesting, tr_def, tr_lem, config)
+    linear = {name: fn for name, (_, fn) in methods.items()}  # the probe runs on each of them
+    pairs = sample_pairs(train, config.train_pairs, config.seed)
+    tuned, finetune_s = _finetuned_methods(base, pairs, nesting, config)
+    methods.update(tuned)
 
     # The main task reports every metric; the other two (same held-out synsets) nDCG@10.
-    # Cache labels name the texts, so each text list is encoded once per model.
-    tasks = [
-        (task, "test/definitions", "test/lemmas"),
-        (lemmas_to_definition(test), "test/lemmas-distinct", "test/definitions"),
-    ]
-    # a tiny test split may hold no usable example: the other tasks still run
-    with contextlib.suppress(ValueError):
-        tasks.append((example_to_definition(test), "test/examples-masked", "test/definitions"))
-    metrics: dict[str, dict[str, list[float]]] = {}
-    task_sizes: dict[str, tuple[int, int]] = {}
-    for t, q_label, c_label in tasks:
-        task_sizes[t.name] = (len(t.queries), len(t.corpus))
-        for method, (enc, fn) in methods.items():
-            q, c = emb(enc, t.queries, q_label), emb(enc, t.corpus, c_label)
-            for m in nesting:
-                scores = retrieval_metrics(t, fn(q, m), fn(c, m))
-                if t is not task:
-                    scores = {f"ndcg@10, {t.name}": scores["ndcg@10"]}
-                for metric, value in scores.items():
-                    metrics.setdefault(metric, {}).setdefault(method, []).append(value)
-
-    probe_train, probe_test = lexname_task(train), lexname_task(test)
-    keep = np.sort(np.random.default_rng(seed).permutation(len(train))[:probe_limit])
-    y_train = np.asarray(probe_train.labels)[keep]
-    te_def = emb(base, probe_test.texts, "test/definitions")  # = task.queries: a cache hit
-    probe = metrics.setdefault("lexname probe accuracy", {})
-    for method in tqdm(linear, desc="lexname probes", disable=not progress):
-        fn = methods[method][1]
-        for m in nesting:
-            acc = linear_probe(fn(tr_def[keep], m), y_train, fn(te_def, m), probe_test.labels)
-            probe.setdefault(method, []).append(acc)
+    task = definition_to_lemmas(test)
+    metrics, task_sizes = _retrieval_scores(task, test, methods, nesting, emb)
+    metrics["lexname probe accuracy"], n_probe = _probe_scores(
+        train, test, linear, tr_def, lambda t, w: emb(base, t, w), nesting, config
+    )
     results: dict[str, Any] = {
         "task": "wordnet definition->lemmas retrieval (and lemmas->definition, "
         "example->definition); definition->lexname probe",
@@ -320,21 +454,14 @@ def run_wordnet_evaluation(
             "tasks (queries, corpus)": task_sizes,
             "train_synsets": len(train),
             "train_pairs": len(pairs),
-            "probe_train_synsets": len(keep),
-            "seed": seed,
+            "probe_train_synsets": n_probe,
+            "seed": config.seed,
             "adaptor_fit_s": {k: round(v, 1) for k, v in adaptor_s.items()},
             "finetune_s": {k: round(v, 1) for k, v in finetune_s.items()},
             "total_s": round(time.time() - t0, 1),
         },
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    try:
-        from matryoshka import report  # written alongside; optional here
-
-        report.write_report(results, out_dir)
-    except (ImportError, AttributeError):
-        pass
+    _write_results(results, Path(config.out_dir))
     return results
 
 
@@ -352,23 +479,3 @@ def format_tables(
         for method, vals in results["metrics"][metric].items():
             lines.append(f"{method:<18}" + "".join(f"{v:>8.3f}" for v in vals))
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: run the evaluation and print the nDCG@10 table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/text_wordnet"))
-    parser.add_argument("--train-pairs", type=int, default=8000)
-    parser.add_argument("--adaptor-epochs", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    res = run_wordnet_evaluation(
-        args.out, train_pairs=args.train_pairs, adaptor_epochs=args.adaptor_epochs, seed=args.seed
-    )
-    print(format_tables(res))
-    print(json.dumps(res["meta"]))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

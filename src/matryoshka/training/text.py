@@ -1,4 +1,4 @@
-"""Fine-tune a text encoder with the Matryoshka contrastive loss, save it, evaluate it per size.
+"""Fine-tune a text encoder with the Matryoshka contrastive loss and save it.
 
     mrl train --config configs/text_wordnet_mrl.yaml        # a YAML with `task: text`
     mrl eval --model runs/text_mrl                            # per-size retrieval on held-out synsets
@@ -8,64 +8,52 @@ loss is the fused :class:`~matryoshka.losses.contrastive.MatryoshkaContrastiveLo
 the nesting (``matryoshka: false`` trains plain InfoNCE at the full size only, the baseline that
 is truncated afterwards). The run folder holds ``model/`` (a sentence-transformers model folder,
 loadable with ``SentenceTransformer(path)`` or ``TextEncoder(path)``) and ``text_model.json``
-(the config, the split and the timings). Evaluation re-creates the same seeded split, so its
-queries are synsets the model never saw, and reports nDCG@10, recall@10/100 and MRR@10 per size
-next to the base model truncated.
+(the config, the split and the timings). :func:`~matryoshka.evaluation.text.evaluate_text_model`
+re-creates the same seeded split, so its queries are synsets the model never saw.
+
+Data flows one way: this module imports no evaluation code (the evaluation fine-tunes with
+:func:`finetune` as a baseline, so it imports this module).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from matryoshka.config import from_dict
 from matryoshka.io import atomic_write_bytes
+from matryoshka.training.text_options import (
+    WordnetTextOptions,
+    check_sizes_match_model,
+    check_text_options,
+)
+
+if TYPE_CHECKING:
+    from matryoshka.data.wordnet import Synset
+    from matryoshka.models.text_encoder import TextEncoder
+    from matryoshka.nesting import Nesting
 
 __all__ = [
     "TEXT_MODEL_FILE",
+    "TEXT_MODEL_FORMAT",
     "TextTrainConfig",
-    "WordnetTextOptions",
-    "check_text_options",
-    "config_from_dict",
-    "evaluate_text_model",
-    "is_text_run",
+    "finetune",
+    "sample_pairs",
     "train_text",
 ]
 
-_C = TypeVar("_C")
-
 #: The metadata file that marks a run folder as a fine-tuned text model.
 TEXT_MODEL_FILE = "text_model.json"
-_FORMAT = "matryoshka.text_model/1"
-
-
-@dataclass
-class WordnetTextOptions:
-    """The options every WordNet text recipe shares: sizes, the seeded split, the pairs, the
-    cache. :class:`TextTrainConfig` and :class:`matryoshka.cli.text.TextEvalConfig` extend it."""
-
-    sizes: list[int] = field(
-        default_factory=lambda: [8, 16, 32, 64, 128, 256, 384],
-        metadata={"help": "prefix sizes, increasing, the last one the model's dimension (384)"},
-    )
-    train_fraction: float = field(
-        default=0.17,
-        metadata={"help": "share of synsets for training (pairs, and PCA/adaptor/probe fits)"},
-    )
-    test_fraction: float = field(
-        default=0.02, metadata={"help": "share of synsets held out for evaluation (drawn first)"}
-    )
-    train_pairs: int = field(
-        default=8000, metadata={"help": "(definition, lemmas) pairs to fine-tune MiniLM on"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the split, sampling and training"})
-    cache_dir: str = field(default=".cache/embeddings", metadata={"help": "embedding cache folder"})
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
+#: ``format`` of :data:`TEXT_MODEL_FILE`.
+TEXT_MODEL_FORMAT = "matryoshka.text_model/1"
 
 
 @dataclass
@@ -146,77 +134,121 @@ class TextTrainConfig(WordnetTextOptions):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextTrainConfig:
         """Build from a mapping (e.g. a YAML recipe); unknown keys are an error naming them."""
-        return config_from_dict(cls, data, "text training")
+        return from_dict(cls, data)
 
 
-def check_text_options(
-    config: Any,
-    ints: tuple[tuple[str, int], ...],
-    floats: tuple[tuple[str, float, bool], ...] = (),
-) -> None:
-    """Validate a text recipe's ``sizes``, ``train_fraction`` + ``test_fraction``, the int
-    fields ``(name, lowest)`` and float fields ``(name, bound, bound_allowed)``; raises a
-    ``ValueError`` naming the field, its value and the fix."""
+def finetune(
+    encoder: TextEncoder,
+    anchors: Sequence[str],
+    positives: Sequence[str],
+    nesting: Nesting,
+    matryoshka: bool = True,
+    batch_size: int = 32,
+    lr: float = 2e-5,
+    epochs: int = 1,
+    temperature: float = 0.05,
+    seed: int = 0,
+    progress: bool = True,
+    n_sizes_per_step: int | None = None,
+    layers: Sequence[int] | None = None,
+) -> TextEncoder:
+    """Fine-tune a copy of ``encoder`` on (anchor, positive) pairs with in-batch negatives.
+
+    ``anchors[i]`` and ``positives[i]`` are a pair (at least 2 pairs); each step embeds
+    ``batch_size`` of them to ``(B, d)`` (``(len(layers), B, d)`` with ``layers``), ``d =
+    nesting.dim``, and every other positive of the batch is a negative.
+    ``matryoshka=True``: the fused Matryoshka InfoNCE over all sizes of ``nesting``; ``False``:
+    the same InfoNCE at the full size only (a plain model, truncated later). Returns the copy,
+    in eval mode; ``encoder`` is left unchanged.
+    ``n_sizes_per_step``: train a random subset of that many sizes each step (seeded).
+    ``layers``: the 2D variant, prefix of layers x prefix of dims
+    (:class:`~matryoshka.losses.contrastive.Matryoshka2dContrastiveLoss` on the mean-pooled output of
+    those layers, 0-based; the last entry must be the model's last layer).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from matryoshka.losses.contrastive import (
+        Matryoshka2dContrastiveLoss,
+        MatryoshkaContrastiveLoss,
+    )
+    from matryoshka.models.text_encoder import TextEncoder
     from matryoshka.nesting import Nesting
 
-    Nesting(list(config.sizes))  # raises naming sizes= and the fix
-    for name in ("train_fraction", "test_fraction"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-            raise ValueError(
-                f"{name}={value!r} must be a share of the synsets in (0, 1], e.g. 0.05."
-            )
-    if config.train_fraction + config.test_fraction > 1:
+    if len(anchors) != len(positives) or len(anchors) < 2:
         raise ValueError(
-            f"train_fraction={config.train_fraction} + test_fraction={config.test_fraction} > 1: "
-            "the splits must not overlap; make them sum to at most 1."
+            f"anchors has {len(anchors)} texts and positives {len(positives)}: pass at least "
+            "2 pairs, the same number of each."
         )
-    for name, low in ints:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}={value!r} must be an int >= {low}.")
-    for name, bound, inclusive in floats:
-        value = getattr(config, name)
-        ok = isinstance(value, int | float) and (value >= bound if inclusive else value > bound)
-        if isinstance(value, bool) or not ok:
-            relation = ">=" if inclusive else ">"
-            raise ValueError(f"{name}={value!r} must be a float {relation} {bound}.")
+    model = TextEncoder(copy.deepcopy(encoder.model), name=f"{encoder.name}-ft")
+    ladder = nesting if matryoshka else Nesting([nesting.dim])
+    loss_fn: MatryoshkaContrastiveLoss | Matryoshka2dContrastiveLoss
+    if layers is not None:
+        last = model.n_layers - 1
+        if not layers or list(layers)[-1] != last:
+            raise ValueError(
+                f"layers={list(layers)} must end at the model's last layer ({last}, 0-based) so "
+                f"the full model is trained, e.g. layers=[{max(0, last - 2)}, {last}]."
+            )
+        loss_fn = Matryoshka2dContrastiveLoss(
+            ladder, list(layers), temperature=temperature, n_sizes_per_step=n_sizes_per_step
+        )
+    else:
+        loss_fn = MatryoshkaContrastiveLoss(
+            ladder, temperature=temperature, n_sizes_per_step=n_sizes_per_step
+        )
+    torch.manual_seed(seed)  # the size (and layer) sampling draws from torch's global RNG
+    opt = torch.optim.AdamW(model.model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.model.train()
+    steps = max(1, len(anchors) // batch_size)  # fewer pairs than batch_size: one smaller batch
+    bar = tqdm(total=epochs * steps, desc="fine-tune", disable=not progress)
+    for _ in range(epochs):
+        perm = torch.randperm(len(anchors), generator=gen).tolist()
+        for s in range(steps):
+            idx = perm[s * batch_size : (s + 1) * batch_size]
+            fa = model.tokenize([anchors[i] for i in idx])
+            fp = model.tokenize([positives[i] for i in idx])
+            if isinstance(loss_fn, Matryoshka2dContrastiveLoss):
+                out = loss_fn(model.forward_layers(fa), model.forward_layers(fp))
+            else:
+                out = loss_fn(model.forward(fa), model.forward(fp))
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{out.loss.item():.3f}")
+    bar.close()
+    model.model.eval()
+    return model
 
 
-def config_from_dict(cls: type[_C], data: dict[str, Any], what: str) -> _C:
-    """``cls(**data)`` for a dataclass ``cls``; unknown keys are an error naming them."""
-    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {what} option(s) {unknown}: the valid keys are {known}.")
-    return cls(**data)
-
-
-def _split(config: TextTrainConfig) -> tuple[list[Any], list[Any]]:
-    from matryoshka.data.wordnet import load_synsets
-    from matryoshka.evaluation.text import wordnet_split
-
-    synsets = load_synsets(config.wordnet_root)
-    return wordnet_split(synsets, config.seed, config.train_fraction, config.test_fraction)
+def sample_pairs(train: Sequence[Synset], n: int, seed: int) -> list[Synset]:
+    """A seeded sample of at most ``n`` training synsets, in their input order (the file order
+    puts every noun first, so a plain prefix would hold nouns only)."""
+    pick = np.random.default_rng(seed).permutation(len(train))[:n]
+    return [train[i] for i in sorted(pick.tolist())]
 
 
 def train_text(config: TextTrainConfig) -> Path:
-    """Fine-tune, save ``out_dir/model`` and ``out_dir/text_model.json``; returns the folder."""
-    from matryoshka.evaluation.text import finetune
+    """Fine-tune, save ``out_dir/model`` and ``out_dir/text_model.json``; returns the folder.
+
+    Raises ``ValueError`` naming ``sizes`` right after the encoder loads when the ladder does not
+    end at the model's dimension, and naming ``layers`` when a 2D run's last layer is not the
+    model's last one; nothing is written then.
+    """
+    from matryoshka.data.wordnet import load_synsets, wordnet_split
     from matryoshka.models.text_encoder import TextEncoder
     from matryoshka.nesting import Nesting
 
     t0 = time.time()
     base = TextEncoder(config.model)
     nesting = Nesting(list(config.sizes))
-    if nesting.dim != base.dim:
-        raise ValueError(
-            f"sizes={list(config.sizes)} ends at {nesting.dim}, but {base.name} embeds in "
-            f"{base.dim} dimensions: make the last size {base.dim}."
-        )
-    train, _ = _split(config)
-    pick = np.random.default_rng(config.seed).permutation(len(train))[: config.train_pairs]
-    pairs = [train[i] for i in sorted(pick.tolist())]
+    check_sizes_match_model(nesting, base)  # before the split, sampling and training
+    train, _ = wordnet_split(
+        load_synsets(config.wordnet_root), config.seed, config.train_fraction, config.test_fraction
+    )
+    pairs = sample_pairs(train, config.train_pairs, config.seed)
     tuned = finetune(
         base,
         [s.definition for s in pairs],
@@ -236,7 +268,7 @@ def train_text(config: TextTrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tuned.model.save(str(out / "model"))
     meta = {
-        "format": _FORMAT,
+        "format": TEXT_MODEL_FORMAT,
         "config": dataclasses.asdict(config),
         "base_model": base.name,
         "train_pairs": len(pairs),
@@ -244,73 +276,3 @@ def train_text(config: TextTrainConfig) -> Path:
     }
     atomic_write_bytes(out / TEXT_MODEL_FILE, json.dumps(meta, indent=2).encode())
     return out
-
-
-def is_text_run(path: str | Path) -> bool:
-    """Whether ``path`` is a run folder (or its ``text_model.json``) written by :func:`train_text`."""
-    p = Path(path)
-    return (p / TEXT_MODEL_FILE).is_file() or (p.name == TEXT_MODEL_FILE and p.is_file())
-
-
-def evaluate_text_model(
-    path: str | Path, cache_dir: str | Path | None = None, progress: bool = True
-) -> dict[str, Any]:
-    """Per-size retrieval (definition -> lemmas) of a saved text run on its held-out synsets.
-
-    Returns ``{"sizes", "metrics": {metric: {"fine-tuned": [...], "base truncated": [...]}},
-    "meta"}`` with values in [0, 1], one per size; a 2D run (``layers``) adds one entry per
-    early exit (``"fine-tuned, exit after layer l of L"``) and the base model's mean pool at
-    the same layer (``"base, exit after ..."``).
-    """
-    from matryoshka.data.wordnet import definition_to_lemmas
-    from matryoshka.evaluation.text import retrieval_metrics
-    from matryoshka.models.text_encoder import TextEncoder, encode_cached
-    from matryoshka.ops import truncate_numpy
-
-    p = Path(path)
-    folder = p.parent if p.name == TEXT_MODEL_FILE else p
-    if not is_text_run(folder):
-        raise FileNotFoundError(
-            f"path={str(path)!r} holds no {TEXT_MODEL_FILE}: pass a run folder written by "
-            "`mrl train` with a text recipe (task: text)."
-        )
-    meta = json.loads((folder / TEXT_MODEL_FILE).read_text())
-    if meta.get("format") != _FORMAT:
-        raise ValueError(
-            f"{folder / TEXT_MODEL_FILE} has format={meta.get('format')!r}, not {_FORMAT!r}: "
-            "it was not written by matryoshka.training.text."
-        )
-    config = TextTrainConfig.from_dict(meta["config"])
-    cache = Path(cache_dir if cache_dir is not None else config.cache_dir)
-    _, test = _split(config)
-    task = definition_to_lemmas(test)
-    kind = "mrl" if config.matryoshka else "plain"
-    tuned = TextEncoder(str(folder / "model"), name=f"{Path(folder).name}-{kind}")
-    models = {"fine-tuned": tuned, "base truncated": TextEncoder(config.model)}
-    metrics: dict[str, dict[str, list[float]]] = {}
-    for label, enc in models.items():
-        key = f"wordnet/s{config.seed}/test{round(config.test_fraction * 1000)}"
-        q = encode_cached(task.queries, enc, cache, f"{key}/definitions", progress=progress)
-        c = encode_cached(task.corpus, enc, cache, f"{key}/lemmas", progress=progress)
-        for m in config.sizes:
-            scores = retrieval_metrics(task, truncate_numpy(q, m, True), truncate_numpy(c, m, True))
-            for metric, value in scores.items():
-                metrics.setdefault(metric, {}).setdefault(label, []).append(value)
-    if config.layers is not None and len(config.layers) > 1:
-        # 2D: score the early exits too, and the base model's mean pool at the same layers
-        exits = config.layers[:-1]
-        for who, enc in (("fine-tuned", tuned), ("base", models["base truncated"])):
-            q = enc.encode(task.queries, layers=exits, progress=progress)  # (exits, Q, d)
-            c = enc.encode(task.corpus, layers=exits, progress=progress)
-            for j, layer in enumerate(exits):
-                label = f"{who}, exit after layer {layer + 1} of {enc.n_layers}"
-                for m in config.sizes:
-                    qm, cm = truncate_numpy(q[j], m, True), truncate_numpy(c[j], m, True)
-                    for metric, value in retrieval_metrics(task, qm, cm).items():
-                        metrics.setdefault(metric, {}).setdefault(label, []).append(value)
-    return {
-        "task": "wordnet definition->lemmas retrieval (held-out synsets)",
-        "sizes": list(config.sizes),
-        "metrics": metrics,
-        "meta": {"queries": len(task.queries), "corpus": len(task.corpus), **meta},
-    }
