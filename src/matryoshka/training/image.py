@@ -19,7 +19,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,175 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % 2**63
 
 
+@dataclass
+class _Run:
+    """Everything one training run carries between steps (built by :func:`_setup`)."""
+
+    config: TrainConfig
+    data: ImageSplits
+    model: MatryoshkaClassifier
+    forward: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    loss_fn: MatryoshkaLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    rank: int
+    world: int
+    steps_per_epoch: int
+    total_steps: int
+    ckpt_dir: Path
+    step: int = 0
+    skipped: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _setup(config: TrainConfig, data: ImageSplits | None) -> _Run:
+    """Seed, load the data, build model/optimizer/schedule (DDP under torchrun), resume."""
+    seed_everything(config.seed)
+    if data is None:
+        data = load_dataset(config.data, config.data_root, seed=config.seed)
+    rank, world, device = init_distributed(_device(config.device))
+    model = build_model(config, data.num_classes, data.input_shape[0]).to(device)
+    loss_fn = MatryoshkaLoss(nesting=model.nesting).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(data.y_train) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    forward: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    run = _Run(
+        config, data, model, forward, loss_fn, optimizer, scheduler, device, rank, world,
+        steps_per_epoch, total_steps, Path(config.out_dir) / "checkpoints",
+    )  # fmt: skip
+    if config.resume:
+        last = latest_checkpoint(run.ckpt_dir)
+        if last is not None:
+            meta = load_checkpoint(last, model, optimizer, scheduler, rng=True)
+            run.step, run.history = meta["step"], meta["history"]
+            run.skipped = meta.get("skipped", 0)
+    return run
+
+
+def _checkpoint(run: _Run) -> None:
+    """Rank 0 writes ``checkpoints/step-<step>`` and prunes to ``keep_checkpoints``."""
+    if run.rank == 0:
+        meta = {
+            "step": run.step,
+            "history": run.history,
+            "skipped": run.skipped,
+            "config": run.config.to_dict(),
+        }
+        save_checkpoint(
+            run.ckpt_dir / f"step-{run.step:08d}", run.model, run.optimizer, run.scheduler, meta
+        )
+        for old in sorted(run.ckpt_dir.glob("step-*.json"))[: -run.config.keep_checkpoints]:
+            old.with_name(old.stem + ".safetensors").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+    if run.world > 1:
+        torch.distributed.barrier()
+
+
+def _train_step(run: _Run, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step's gradients on the global batch ``idx``: this rank's shard of every
+    micro-batch, losses scaled so the summed (and DDP-averaged) gradient is that of the batch
+    mean. Returns the batch loss (scalar) and the ``(L,)`` per-size losses."""
+    config, data, device, rank, world = run.config, run.data, run.device, run.rank, run.world
+    shifts = None
+    if config.augment_shift:  # drawn for the whole batch, so every sharding sees the same
+        gen = torch.Generator().manual_seed(_step_seed(config.seed, run.step))
+        shifts = torch.randint(0, 2 * config.augment_shift + 1, (len(idx), 2), generator=gen)
+    autocast = torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"
+    )
+    positions = torch.arange(len(idx))
+    micro = positions.tensor_split(config.grad_accum)
+    run.optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    per_size = torch.zeros(len(run.model.nesting), device=device)
+    for i, pos in enumerate(micro):
+        shard = pos[rank::world]
+        weight = len(shard) * world / len(idx)
+        if len(shard) == 0:  # keep this rank in the collective with a zero-weight example
+            shard, weight = pos[:1] if len(pos) else positions[:1], 0.0
+        x = data.x_train[idx[shard]].to(device, non_blocking=True)
+        y = data.y_train[idx[shard]].to(device, non_blocking=True)
+        if shifts is not None:
+            x = shift_images(x, config.augment_shift, shifts[shard])
+        sync = world == 1 or i == len(micro) - 1
+        with autocast, nullcontext() if sync else run.forward.no_sync():  # type: ignore[operator]
+            loss, sizes_loss = run.loss_fn(run.forward(x).float(), y)
+            (loss * weight).backward()
+        total += loss.detach() * weight / world
+        per_size += sizes_loss * weight / world
+    if world > 1:
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(per_size)
+    return total, per_size
+
+
+def _run_epoch(run: _Run, epoch: int, bar: Any) -> torch.Tensor:
+    """The remaining steps of ``epoch`` (all of them unless resumed mid-epoch); its last loss."""
+    config, nesting = run.config, run.model.nesting
+    # The batch order depends only on (seed, epoch): resuming mid-epoch skips what was done.
+    order = torch.randperm(
+        len(run.data.y_train),
+        generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+    )
+    loss = torch.zeros(())
+    for idx in order.split(config.batch_size)[run.step - epoch * run.steps_per_epoch :]:
+        run.model.train()
+        loss, per_size = _train_step(run, idx)
+        if not torch.isfinite(loss):  # the same verdict on every rank (reduced loss)
+            if config.nonfinite == "stop":
+                raise FloatingPointError(
+                    f"non-finite loss ({loss.item()}) at step {run.step} (epoch {epoch}); "
+                    f"per-size losses {per_size.tolist()}. Lower lr, check the data, or set "
+                    "nonfinite='skip' to drop such batches. No checkpoint was written."
+                )
+            run.skipped += 1
+            run.optimizer.zero_grad(set_to_none=True)
+        else:
+            run.optimizer.step()
+        run.scheduler.step()
+        run.step += 1
+        bar.update(1)
+        bar.set_postfix_str(
+            " ".join(f"{m}:{v:.2f}" for m, v in zip(nesting, per_size.tolist(), strict=True))
+        )
+        at_epoch_end = run.step % run.steps_per_epoch == 0  # checkpointed after validation
+        every = config.checkpoint_every
+        if every and run.step % every == 0 and not at_epoch_end:
+            _checkpoint(run)
+    return loss
+
+
+def _save(run: _Run) -> Path:
+    """Rank 0 writes ``model.json`` (+ safetensors) and ``history.json``; the model's path."""
+    out = Path(run.config.out_dir)
+    extra = {
+        "num_classes": run.data.num_classes,
+        "input_shape": list(run.data.input_shape),
+        "data": run.data.name,
+        "history": run.history,
+        "skipped_steps": run.skipped,
+        "world_size": run.world,
+    }
+    model_path = out / "model.json"
+    if run.rank == 0:
+        model_path = save_model(run.model, run.config, out / "model", extra)
+        (out / "history.json").write_text(json.dumps(run.history, indent=1))
+    if run.world > 1:
+        torch.distributed.barrier()
+    return model_path
+
+
 def train(config: TrainConfig, data: ImageSplits | None = None) -> TrainResult:
     """Train one model as ``config`` says and save it to ``config.out_dir/model.json``.
 
@@ -177,146 +346,27 @@ def train(config: TrainConfig, data: ImageSplits | None = None) -> TrainResult:
     statistics stay per process). Rank 0 alone writes checkpoints, the model and the progress bar.
     """
     t0 = time.perf_counter()
-    out = Path(config.out_dir)
-    ckpt_dir = out / "checkpoints"
-    seed_everything(config.seed)
-    if data is None:
-        data = load_dataset(config.data, config.data_root, seed=config.seed)
-    rank, world, device = init_distributed(_device(config.device))
-    model = build_model(config, data.num_classes, data.input_shape[0]).to(device)
-    nesting = model.nesting
-    loss_fn = MatryoshkaLoss(nesting=nesting).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
-    n_train = len(data.y_train)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    forward: torch.nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        forward = DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
-    autocast = torch.autocast(
-        "cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda"
-    )
-
-    step, history, skipped = 0, [], 0
-    if config.resume:
-        last = latest_checkpoint(ckpt_dir)
-        if last is not None:
-            meta = load_checkpoint(last, model, optimizer, scheduler, rng=True)
-            step, history, skipped = meta["step"], meta["history"], meta.get("skipped", 0)
-
-    def checkpoint() -> None:
-        if rank == 0:
-            meta = {
-                "step": step,
-                "history": history,
-                "skipped": skipped,
-                "config": config.to_dict(),
-            }
-            save_checkpoint(ckpt_dir / f"step-{step:08d}", model, optimizer, scheduler, meta)
-            for old in sorted(ckpt_dir.glob("step-*.json"))[: -config.keep_checkpoints]:
-                old.with_name(old.stem + ".safetensors").unlink(missing_ok=True)
-                old.unlink(missing_ok=True)
-        if world > 1:
-            torch.distributed.barrier()
-
-    def train_step(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on the global batch ``idx``: this rank's shard of every micro-batch,
-        losses scaled so the summed (and DDP-averaged) gradient is that of the batch mean."""
-        shifts = None
-        if config.augment_shift:  # drawn for the whole batch, so every sharding sees the same
-            gen = torch.Generator().manual_seed(_step_seed(config.seed, step))
-            shifts = torch.randint(0, 2 * config.augment_shift + 1, (len(idx), 2), generator=gen)
-        positions = torch.arange(len(idx))
-        micro = positions.tensor_split(config.grad_accum)
-        optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=device)
-        per_size = torch.zeros(len(nesting), device=device)
-        for i, pos in enumerate(micro):
-            shard = pos[rank::world]
-            weight = len(shard) * world / len(idx)
-            if len(shard) == 0:  # keep this rank in the collective with a zero-weight example
-                shard, weight = pos[:1] if len(pos) else positions[:1], 0.0
-            x = data.x_train[idx[shard]].to(device, non_blocking=True)
-            y = data.y_train[idx[shard]].to(device, non_blocking=True)
-            if shifts is not None:
-                x = shift_images(x, config.augment_shift, shifts[shard])
-            sync = world == 1 or i == len(micro) - 1
-            with autocast, nullcontext() if sync else forward.no_sync():  # type: ignore[operator]
-                loss, sizes_loss = loss_fn(forward(x).float(), y)
-                (loss * weight).backward()
-            total += loss.detach() * weight / world
-            per_size += sizes_loss * weight / world
-        if world > 1:
-            torch.distributed.all_reduce(total)
-            torch.distributed.all_reduce(per_size)
-        return total, per_size
-
+    run = _setup(config, data)
+    nesting = run.model.nesting
     bar = tqdm(
-        total=total_steps,
-        initial=step,
-        disable=not config.progress or rank != 0,
+        total=run.total_steps,
+        initial=run.step,
+        disable=not config.progress or run.rank != 0,
         desc=f"{config.method} d={config.embed_dim}",
         dynamic_ncols=True,
     )
-    loss = torch.zeros(())
-    for epoch in range(step // steps_per_epoch, config.epochs):
-        # The batch order depends only on (seed, epoch): resuming mid-epoch skips what was done.
-        order = torch.randperm(
-            n_train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    for epoch in range(run.step // run.steps_per_epoch, config.epochs):
+        loss = _run_epoch(run, epoch, bar)
+        val_acc = _accuracy_per_size(run.model, run.data.x_val, run.data.y_val)
+        run.history.append(
+            {"epoch": epoch + 1, "step": run.step, "loss": loss.item(), "val_acc": val_acc}
         )
-        batches = order.split(config.batch_size)
-        for idx in batches[step - epoch * steps_per_epoch :]:
-            model.train()
-            loss, per_size = train_step(idx)
-            if not torch.isfinite(loss):  # the same verdict on every rank (reduced loss)
-                if config.nonfinite == "stop":
-                    raise FloatingPointError(
-                        f"non-finite loss ({loss.item()}) at step {step} (epoch {epoch}); per-size "
-                        f"losses {per_size.tolist()}. Lower lr, check the data, or set "
-                        "nonfinite='skip' to drop such batches. No checkpoint was written."
-                    )
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix_str(
-                " ".join(f"{m}:{v:.2f}" for m, v in zip(nesting, per_size.tolist(), strict=True))
-            )
-            at_epoch_end = step % steps_per_epoch == 0  # checkpointed below, after validation
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and not at_epoch_end:
-                checkpoint()
-        val_acc = _accuracy_per_size(model, data.x_val, data.y_val)
-        history.append({"epoch": epoch + 1, "step": step, "loss": loss.item(), "val_acc": val_acc})
-        if rank == 0:
+        if run.rank == 0:
             bar.write(
                 f"epoch {epoch + 1}/{config.epochs} val top-1 "
                 + " ".join(f"{m}:{a:.3f}" for m, a in zip(nesting, val_acc, strict=True))
             )
-        checkpoint()
+        _checkpoint(run)
     bar.close()
-    seconds = time.perf_counter() - t0
-    extra = {
-        "num_classes": data.num_classes,
-        "input_shape": list(data.input_shape),
-        "data": data.name,
-        "history": history,
-        "skipped_steps": skipped,
-        "world_size": world,
-    }
-    model_path = out / "model.json"
-    if rank == 0:
-        model_path = save_model(model, config, out / "model", extra)
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-    if world > 1:
-        torch.distributed.barrier()
-    return TrainResult(model.eval(), history, model_path, seconds)
+    model_path = _save(run)
+    return TrainResult(run.model.eval(), run.history, model_path, time.perf_counter() - t0)
