@@ -22,7 +22,7 @@ once and calls :class:`~matryoshka.losses.contrastive.MatryoshkaContrastiveLoss`
 dims in one fused pass.
 
 Large batches: ``mini_batch_size`` turns on gradient caching (GradCache, as sentence-transformers'
-``CachedMultipleNegativesRankingLoss`` does, through its own ``CachedLossMixin``): the columns are
+``CachedMultipleNegativesRankingLoss`` does, through sentence-transformers' ``CachedLossMixin``): the columns are
 embedded in mini-batches without a graph, the fused loss gives the gradients of the embeddings,
 and the mini-batches are embedded again with a graph during backward. The loss itself is then
 evaluated ``mini_batch_size`` anchors at a time, so its working memory is about
