@@ -29,7 +29,15 @@ from typing import Any, TextIO
 import numpy as np
 
 from matryoshka.cli.args import add_deprecated_alias, fail
-from matryoshka.retrieval.index import BACKENDS, add_in_chunks, load_index, make_index
+from matryoshka.retrieval.index import (
+    BACKENDS,
+    EF_CONSTRUCTION,
+    EF_SEARCH,
+    HNSW_M,
+    add_in_chunks,
+    load_index,
+    make_index,
+)
 
 DB_BACKENDS = (
     "milvus",
@@ -195,9 +203,9 @@ def _add_index(p_index: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--normalize", action=argparse.BooleanOptionalAction, default=True, help="cosine"
     )
-    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree")
-    p.add_argument("--ef-construction", type=int, default=200, help="HNSW build beam")
-    p.add_argument("--ef-search", type=int, default=128, help="HNSW search beam")
+    p.add_argument("--hnsw-m", type=int, default=HNSW_M, help="HNSW graph degree")
+    p.add_argument("--ef-construction", type=int, default=EF_CONSTRUCTION, help="HNSW build beam")
+    p.add_argument("--ef-search", type=int, default=EF_SEARCH, help="HNSW search beam")
     p.add_argument("--nlist", type=int, default=None, help="IVF cells (default 4·sqrt(N))")
     p.add_argument("--nprobe", type=int, default=16, help="IVF cells visited per query")
     p.add_argument("--batch-size", type=int, default=65536, help="rows added at a time")

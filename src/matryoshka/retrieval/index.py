@@ -53,6 +53,8 @@ FORMAT = "matryoshka-index"
 FORMAT_VERSION = 1
 _META_KEY = "matryoshka_index"
 CHUNK_ROWS = 65536  # rows added at a time by add_in_chunks: bounds the float32 copy of a chunk
+#: HNSW defaults of every backend (FAISS, Milvus, pgvector) and of ``mrl index build``.
+HNSW_M, EF_CONSTRUCTION, EF_SEARCH = 32, 200, 128
 NO_SCORE = float(-np.finfo(np.float32).max)  # FAISS's score for a missing result (inner product)
 
 
@@ -326,9 +328,9 @@ class FaissIndex(VectorIndex):
         kind: str = "hnsw",
         model_name: str = "unknown",
         normalize: bool = True,
-        hnsw_m: int = 32,
-        ef_construction: int = 200,
-        ef_search: int = 128,
+        hnsw_m: int = HNSW_M,
+        ef_construction: int = EF_CONSTRUCTION,
+        ef_search: int = EF_SEARCH,
         nlist: int | None = None,
         nprobe: int = 16,
     ) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from matryoshka.retrieval.funnel import FunnelSpec
+from matryoshka.retrieval.index import EF_CONSTRUCTION, EF_SEARCH, HNSW_M
 from matryoshka.retrieval.vectordb.base import DatabaseFunnel, check_name
 
 __all__ = ["PgvectorFunnel"]
@@ -80,9 +81,9 @@ class PgvectorFunnel(DatabaseFunnel):
         shortlist_k: int = 200,
         rerank: Sequence[int] | None = None,
         keep: Sequence[int] | None = None,
-        ef_search: int = 100,
-        hnsw_m: int = 16,
-        ef_construction: int = 64,
+        ef_search: int = EF_SEARCH,
+        hnsw_m: int = HNSW_M,
+        ef_construction: int = EF_CONSTRUCTION,
         batch_size: int = 4096,
         progress: bool = True,
         connect_timeout: float = 10,
