@@ -452,7 +452,9 @@ def test_classifier_errors(digits_head: Any) -> None:
         AdaptiveClassifier(head, head.nesting, confidence="entropy").fit(zv, yv)
     with pytest.raises(ValueError, match=r"differs from the head's.*pass nesting=model.nesting"):
         AdaptiveClassifier(head, Nesting([4, 64])).fit(zv, yv)
-    with pytest.raises(TypeError, match=r"nesting=\[2, 64\] must be a matryoshka.Nesting"):
+    with pytest.raises(
+        TypeError, match=r"nesting=\[2, 64\] is a list: pass a Nesting, e.g. Nesting\(\[2, 64\]\)"
+    ):
         AdaptiveClassifier(head, [2, 64]).fit(zv, yv)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"target_accuracy=2.0 must be in \[0, 1\]"):
         AdaptiveClassifier(head, head.nesting, target_accuracy=2.0).fit(zv, yv)

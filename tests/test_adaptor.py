@@ -12,6 +12,7 @@ from matryoshka import Nesting
 from matryoshka.evaluation.metrics import ndcg_at_k, relevance_from_labels, top_k_indices
 from matryoshka.models.adaptor import MatryoshkaAdaptor, NotFittedError
 from matryoshka.ops import truncate_numpy
+from tests.helpers import clustered
 
 NEST = Nesting([4, 8, 32])
 
@@ -19,13 +20,10 @@ NEST = Nesting([4, 8, 32])
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def clustered(n: int = 600, d: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Points around 12 random centres, the informative directions spread over all coordinates."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(12, d))
-    labels = rng.integers(0, 12, size=n)
-    x = centres[labels] + 0.6 * rng.normal(size=(n, d))
-    return x.astype(np.float32), labels
+def blobs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, 32)`` points around 12 random centres (the informative directions spread over all
+    coordinates) and their labels."""
+    return clustered(n, 32, seed, n_clusters=12, noise=0.6, return_labels=True)
 
 
 def retrieval_ndcg(x: np.ndarray, labels: np.ndarray) -> float:
@@ -56,7 +54,7 @@ def prefix_listwise_kl(y: np.ndarray, x: np.ndarray, m: int, t: float = 0.05) ->
 
 
 def test_adaptor_beats_truncation_at_small_sizes() -> None:
-    x, labels = clustered(300)
+    x, labels = blobs(300)
     ad = MatryoshkaAdaptor(NEST, hidden=32, epochs=8, batch_size=150, lr=3e-3, progress=False)
     assert ad.fit(x) is ad
     assert len(ad.history_) == 8
@@ -80,7 +78,7 @@ def test_adaptor_beats_truncation_at_small_sizes() -> None:
 
 
 def test_supervised_mode_runs_and_is_seeded() -> None:
-    x, _ = clustered(200)
+    x, _ = blobs(200)
     q, d = x[:50], x[50:100]
     a = MatryoshkaAdaptor(NEST, hidden=16, epochs=2, batch_size=64, progress=False)
     b = MatryoshkaAdaptor(NEST, hidden=16, epochs=2, batch_size=64, progress=False)
@@ -90,7 +88,7 @@ def test_supervised_mode_runs_and_is_seeded() -> None:
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
-    x, _ = clustered(200)
+    x, _ = blobs(200)
     ad = MatryoshkaAdaptor(NEST, hidden=16, epochs=1, batch_size=64, progress=False).fit(x)
     path = ad.save(tmp_path / "adaptor")
     assert path.suffix == ".safetensors"

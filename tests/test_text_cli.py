@@ -14,6 +14,7 @@ from matryoshka.data.wordnet import wordnet_texts
 from matryoshka.evaluation.text import TextEvalConfig
 from matryoshka.models.adaptor import MatryoshkaAdaptor
 from matryoshka.ops import truncate_numpy
+from tests.helpers import clustered
 from tests.markers import WORDNET, needs_text, needs_wordnet
 
 RECIPE = Path(__file__).parent.parent / "configs" / "text_wordnet.yaml"
@@ -30,10 +31,9 @@ def encoder() -> object:
     return TextEncoder()
 
 
-def clustered(n: int, d: int = 384, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(8, d))
-    return (centres[rng.integers(0, 8, n)] + 0.5 * rng.normal(size=(n, d))).astype(np.float32)
+def blobs(n: int, d: int = 384, seed: int = 0) -> np.ndarray:
+    """``(n, d)`` points around 8 random centres."""
+    return clustered(n, d, seed, n_clusters=8, noise=0.5)
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -66,7 +66,7 @@ def test_embed_a_text_file_with_and_without_an_adaptor(
     assert len(list(Path(cache).glob("*.safetensors"))) == 1  # full vectors cached once
 
     x = tmp_path / "x.npy"
-    np.save(x, clustered(400))
+    np.save(x, blobs(400))
     stem = tmp_path / "ad" / "adaptor"
     fit = ["adaptor", "fit", "--embeddings", str(x), "--sizes", "32", "384", "--out", str(stem)]
     fit += ["--epochs", "2", "--hidden", "16", "--batch-size", "200", "--quiet"]
@@ -118,7 +118,7 @@ def test_fit_and_embed_on_wordnet_share_the_cache(
 
 def test_adaptor_fit_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     x = tmp_path / "x.npy"
-    np.save(x, clustered(50, d=32))
+    np.save(x, blobs(50, d=32))
     base = ["adaptor", "fit", "--embeddings", str(x), "--out", str(tmp_path / "a"), "--quiet"]
     cases = {
         "does not exist": ["--sizes", "8", "32", "--embeddings", str(tmp_path / "none.npy")],
@@ -136,7 +136,7 @@ def test_adaptor_fit_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFix
     }
     for message, extra in cases.items():
         if "gives 20" in message:
-            np.save(x, clustered(20, d=32))
+            np.save(x, blobs(20, d=32))
         rc, _, err = run([*base, *extra], capsys)
         assert rc == 2
         assert message in err, err
@@ -152,9 +152,9 @@ def test_supervised_adaptor_fit_from_pair_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     x, q, d = tmp_path / "x.npy", tmp_path / "q.npy", tmp_path / "d.npy"
-    np.save(x, clustered(64, d=32))
-    np.save(q, clustered(40, d=32, seed=1))
-    np.save(d, clustered(40, d=32, seed=2))
+    np.save(x, blobs(64, d=32))
+    np.save(q, blobs(40, d=32, seed=1))
+    np.save(d, blobs(40, d=32, seed=2))
     stem = tmp_path / "sup"
     base = ["adaptor", "fit", "--embeddings", str(x), "--sizes", "8", "32", "--out", str(stem)]
     base += ["--epochs", "1", "--hidden", "8", "--batch-size", "16", "--quiet"]

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from matryoshka._validate import check_nesting
 from matryoshka.models.heads import MatryoshkaHead
 from matryoshka.nesting import Nesting
 
@@ -160,10 +161,7 @@ class AdaptiveClassifier:
         self.tied = tied
 
     def _validate(self) -> None:
-        if not isinstance(self.nesting, Nesting):
-            raise TypeError(
-                f"nesting={self.nesting!r} must be a matryoshka.Nesting, e.g. Nesting([8, 16, 32])."
-            )
+        check_nesting(self.nesting)
         if isinstance(self.model, MatryoshkaHead) and self.model.nesting != self.nesting:
             raise ValueError(
                 f"nesting={self.nesting!r} differs from the head's {self.model.nesting!r}: "

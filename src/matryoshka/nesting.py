@@ -10,6 +10,8 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from matryoshka._validate import positive_int
+
 __all__ = ["Nesting"]
 
 
@@ -80,10 +82,7 @@ class Nesting:
         ``Nesting.doubling(8, 2048)`` is the paper's ResNet-50 ladder (9 sizes);
         ``Nesting.doubling(8, 100)`` is ``[8, 16, 32, 64, 100]``.
         """
-        if isinstance(start, bool) or not isinstance(start, int) or start <= 0:
-            raise ValueError(
-                f"start={start!r} must be a positive int, e.g. Nesting.doubling(8, 2048)."
-            )
+        positive_int(start, "start", "Nesting.doubling(8, 2048)")
         if isinstance(stop, bool) or not isinstance(stop, int) or stop < start:
             raise ValueError(
                 f"stop={stop!r} must be an int >= start={start}, e.g. Nesting.doubling(8, 2048)."

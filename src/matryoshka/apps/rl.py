@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from matryoshka._validate import positive_int
 from matryoshka.apps.common import check_positive, config_to_dict, finish, make_nesting
 from matryoshka.config import help_field
 from matryoshka.models.heads import MatryoshkaHead
@@ -244,8 +245,7 @@ def _greedy_episodes(
 ) -> tuple[list[float], torch.Tensor]:
     """Returns of ``episodes`` greedy episodes run side by side, and every state they visited."""
     _check_size(net, m, truncated_embedding)
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-        raise ValueError(f"episodes={episodes!r} must be a positive int.")
+    positive_int(episodes, "episodes")
     envs = [make_env(env_name) for _ in range(episodes)]
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     returns = np.zeros(episodes)

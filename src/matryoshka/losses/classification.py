@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from matryoshka._validate import check_nesting
 from matryoshka.nesting import Nesting
 
 __all__ = ["MatryoshkaLoss", "MatryoshkaLossOutput"]
@@ -39,13 +40,8 @@ class MatryoshkaLoss(nn.Module):
         nesting: Nesting | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(nesting, Nesting):
-            raise TypeError(
-                f"nesting={nesting!r}: pass a Nesting, e.g. "
-                "MatryoshkaLoss(nesting=Nesting([8, 16, 32]))."
-            )
         self.base_loss = base_loss
-        self.nesting = nesting
+        self.nesting = check_nesting(nesting, "MatryoshkaLoss(nesting=Nesting([8, 16, 32]))")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> MatryoshkaLossOutput:
         """``(L, B, C), (B,) -> (scalar, (L,))``."""

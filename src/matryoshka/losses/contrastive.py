@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from matryoshka._validate import check_nesting
 from matryoshka.losses.classification import MatryoshkaLossOutput
 from matryoshka.nesting import Nesting
 
@@ -256,15 +257,6 @@ def _prefix_indicator(
     return (d < torch.tensor(sizes, device=device)[:, None]).to(dtype)
 
 
-def _check_nesting(nesting: Any, cls: str) -> Nesting:
-    if not isinstance(nesting, Nesting):
-        raise TypeError(
-            f"nesting={nesting!r} is a {type(nesting).__name__}: pass a Nesting, "
-            f"e.g. {cls}(Nesting.doubling(8, 384))."
-        )
-    return nesting
-
-
 class MatryoshkaContrastiveLoss(nn.Module):
     """InfoNCE with in-batch negatives over every prefix size of the nesting, fused.
 
@@ -295,7 +287,7 @@ class MatryoshkaContrastiveLoss(nn.Module):
         always_full: bool = False,
     ) -> None:
         super().__init__()
-        self.nesting = _check_nesting(nesting, "MatryoshkaContrastiveLoss")
+        self.nesting = check_nesting(nesting, "MatryoshkaContrastiveLoss(Nesting.doubling(8, 384))")
         if not (isinstance(temperature, int | float) and 0.0 < temperature < float("inf")):
             raise ValueError(
                 f"temperature={temperature!r} must be a positive finite float, e.g. 0.05 "
@@ -394,7 +386,7 @@ class Matryoshka2dContrastiveLoss(nn.Module):
         n_sizes_per_step: int | None = None,
     ) -> None:
         super().__init__()
-        _check_nesting(nesting, "Matryoshka2dContrastiveLoss")
+        check_nesting(nesting, "Matryoshka2dContrastiveLoss(Nesting.doubling(8, 384))")
         layers = list(layers)
         if not layers or any(isinstance(x, bool) or not isinstance(x, int) for x in layers):
             raise ValueError(f"layers={layers!r} must be a non-empty list of layer indices.")

@@ -40,6 +40,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 from tqdm.auto import tqdm
 
+from matryoshka._validate import as_embeddings, check_nesting, positive_int
 from matryoshka.io import atomic_write_bytes
 from matryoshka.losses.contrastive import MatryoshkaContrastiveLoss
 from matryoshka.nesting import Nesting
@@ -66,16 +67,6 @@ class _AdaptorNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = x @ self.rotation  # (B, d)
         return z + self.mlp(z)
-
-
-def _as_2d_float(x: Any, name: str, dim: int | None = None) -> np.ndarray:
-    arr = np.asarray(x, dtype=np.float32)
-    if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim):
-        want = f"(n, {dim})" if dim is not None else "(n, d)"
-        raise ValueError(f"{name}.shape={arr.shape}: pass a 2-D array of embeddings {want}.")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or inf: clean the embeddings before fitting.")
-    return arr
 
 
 class MatryoshkaAdaptor:
@@ -120,16 +111,10 @@ class MatryoshkaAdaptor:
         listwise_weight: float = 1.0,
         listwise_temperature: float = 0.05,
     ) -> None:
-        if not isinstance(nesting, Nesting):
-            raise TypeError(
-                f"nesting={nesting!r} is a {type(nesting).__name__}: pass a Nesting, "
-                "e.g. MatryoshkaAdaptor(Nesting.doubling(8, 384))."
-            )
+        check_nesting(nesting, "MatryoshkaAdaptor(Nesting.doubling(8, 384))")
         for name, value in (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int.")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k={top_k!r} must be a positive int, e.g. 10.")
+            positive_int(value, name)
+        positive_int(top_k, "top_k", 10)
         if not lr > 0:
             raise ValueError(f"lr={lr!r} must be positive, e.g. 1e-3.")
         weights: tuple[tuple[str, float, str], ...] = (
@@ -227,7 +212,7 @@ class MatryoshkaAdaptor:
         matching pairs (row ``i`` of each belong together).
         """
         d = self.nesting.dim
-        x = _as_2d_float(embeddings, "embeddings", d)
+        x = as_embeddings(embeddings, "embeddings", d, finite=True)
         if x.shape[0] < 2:
             raise ValueError(f"embeddings has {x.shape[0]} row(s): fit needs at least 2.")
         if (queries is None) != (documents is None):
@@ -236,8 +221,8 @@ class MatryoshkaAdaptor:
             )
         pairs: tuple[torch.Tensor, torch.Tensor] | None = None
         if queries is not None and documents is not None:
-            qa = _as_2d_float(queries, "queries", d)
-            da = _as_2d_float(documents, "documents", d)
+            qa = as_embeddings(queries, "queries", d, finite=True)
+            da = as_embeddings(documents, "documents", d, finite=True)
             if qa.shape[0] != da.shape[0] or qa.shape[0] < 2:
                 raise ValueError(
                     f"queries has {qa.shape[0]} rows and documents {da.shape[0]}: pass at least "
@@ -301,7 +286,7 @@ class MatryoshkaAdaptor:
         """Adapted embeddings cut to ``dim``: ``(n, d) -> (n, dim)`` float32 (``dim=None``: all
         ``d``). With ``normalize=True`` each prefix has unit norm (ready for cosine/IP search)."""
         net = self._check_fitted()
-        arr = _as_2d_float(x, "x", self.nesting.dim)
+        arr = as_embeddings(x, "x", self.nesting.dim, finite=True)
         out = np.empty_like(arr)
         xt = _normalize_t(torch.from_numpy(arr))
         for s in range(0, arr.shape[0], 8192):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from matryoshka._validate import check_nesting, positive_int
 from matryoshka.nesting import Nesting
 
 __all__ = ["MatryoshkaHead"]
@@ -146,14 +147,9 @@ class MatryoshkaHead(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(nesting, Nesting):
-            raise TypeError(
-                f"nesting={nesting!r} is a {type(nesting).__name__}: pass a Nesting, "
-                f"e.g. Nesting({list(nesting) if isinstance(nesting, list | tuple) else '[8, 16, 32]'})."
-            )
+        check_nesting(nesting)
         nesting.check_dim(in_features, "in_features")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes={num_classes!r} must be a positive int.")
+        positive_int(num_classes, "num_classes")
         self.in_features = in_features
         self.num_classes = num_classes
         self.nesting = nesting

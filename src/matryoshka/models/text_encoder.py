@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 from safetensors.numpy import save as st_save
 from tqdm.auto import tqdm
 
+from matryoshka._validate import positive_int
 from matryoshka.io import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -173,8 +174,7 @@ class TextEncoder:
         of a 2D Matryoshka model), ``(len(layers), N, d)``, from one pass per batch.
         """
         texts = _check_texts(texts)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive int, e.g. 64.")
+        positive_int(batch_size, "batch_size", 64)
         picked = None if layers is None else list(layers)
         if picked is not None and (
             not picked or any(not isinstance(x, int) or not 0 <= x < self.n_layers for x in picked)
