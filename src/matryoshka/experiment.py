@@ -68,6 +68,128 @@ class ImageExperimentConfig:
             )
 
 
+@dataclass
+class _Experiment:
+    """What one image experiment accumulates while it trains and evaluates each method."""
+
+    config: ImageExperimentConfig
+    data: ImageSplits
+    sizes: list[int]
+    metrics: dict[str, dict[str, list[float | None]]] = field(
+        default_factory=lambda: {k: {} for k in METRIC_LABELS}
+    )
+    train_seconds: dict[str, float] = field(default_factory=dict)
+    adaptive: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cascade_series: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out_dir)
+
+    def embedding_metrics(self, z_tr: np.ndarray, z_te: np.ndarray) -> tuple[float, float, float]:
+        """``(linear probe, 1-NN, mAP@k)`` of one size's ``(N, m)`` train/test embeddings."""
+        y_train, y_test = self.data.y_train.numpy(), self.data.y_test.numpy()
+        return (
+            linear_probe(z_tr, y_train, z_te, y_test, seed=self.config.train.seed),
+            knn1_accuracy(z_tr, y_train, z_te, y_test),
+            retrieval_map(z_te, y_test, self.config.map_k),
+        )
+
+    def record(self, name: str, rows: list[tuple[float, float, float, float]]) -> None:
+        """``rows``: one ``(top1, probe, knn1, map)`` per size."""
+        for metric, values in zip(METRIC_LABELS, zip(*rows, strict=True), strict=True):
+            self.metrics[metric][name] = list(values)
+
+
+def _run_nested(exp: _Experiment, method: str) -> None:
+    """Train ``mrl`` or ``mrl-e`` once; every size's metrics, its cascade and cascade curve."""
+    base, data = exp.config.train, exp.data
+    name = {"mrl": "MRL", "mrl-e": "MRL-E"}[method]
+    run = train(replace(base, method=method, out_dir=str(exp.out / "runs" / method)), data)
+    exp.train_seconds[name] = run.seconds
+    # One backbone pass per split; the heads run on the stored embeddings.
+    z_tr, z_te = embed(run.model, data.x_train), embed(run.model, data.x_test)
+    head = run.model.head
+    with torch.no_grad():
+        test_logits = head(torch.from_numpy(z_te))  # (L, N, C)
+    top1 = (test_logits.argmax(-1) == data.y_test).double().mean(1)
+    # Adaptive classification: thresholds fit on the validation split, measured on test.
+    cascade = AdaptiveClassifier(head, head.nesting, tolerance=exp.config.cascade_tolerance)
+    cascade.fit(torch.from_numpy(embed(run.model, data.x_val)), data.y_val)
+    exp.adaptive[name] = cascade.evaluate(torch.from_numpy(z_te), data.y_test)
+    curve = cascade_curve(
+        test_logits.numpy(), data.y_test.numpy(), head.nesting, tied=head.tied, seed=base.seed
+    )
+    for series, points in ((f"{name} cascade", "cascade"), (f"{name} fixed sizes", "fixed")):
+        exp.cascade_series[series] = {
+            "x": [p["expected_dim"] for p in curve[points]],
+            "y": [p["accuracy"] for p in curve[points]],
+        }
+    exp.record(
+        name,
+        [
+            (float(t), *exp.embedding_metrics(truncate_numpy(z_tr, m), truncate_numpy(z_te, m)))
+            for t, m in zip(top1.tolist(), exp.sizes, strict=True)
+        ],
+    )
+
+
+def _run_fixed(exp: _Experiment) -> None:
+    """One ordinary (FF) model per size, then the post-hoc reductions of the full-size one."""
+    base, data = exp.config.train, exp.data
+    ff_rows = []
+    for m in exp.sizes:
+        ff_cfg = replace(base, method="ff", embed_dim=m, out_dir=str(exp.out / "runs" / f"ff-{m}"))
+        run = train(ff_cfg, data)
+        exp.train_seconds[f"FF-{m}"] = run.seconds
+        logits = predict_logits(run.model, data.x_test)[0]  # (N, C): the one size
+        top1_ff = float((logits.argmax(-1) == data.y_test).double().mean())
+        z_tr, z_te = embed(run.model, data.x_train), embed(run.model, data.x_test)
+        ff_rows.append((top1_ff, *exp.embedding_metrics(z_tr, z_te)))
+    exp.record("FF", ff_rows)
+    # Post-hoc baselines reduce the last (full-size) FF model's embeddings.
+    for method in exp.config.posthoc:
+        rows = []
+        for m in exp.sizes:
+            r_tr, r_te = posthoc_reduce(method, z_tr, z_te, m, seed=base.seed)
+            probe, knn, mp = exp.embedding_metrics(r_tr, r_te)
+            rows.append((probe, probe, knn, mp))  # no trained head: top-1 is the probe
+        exp.record(f"FF-{exp.sizes[-1]} + {method}", rows)
+
+
+def _results(exp: _Experiment, wall_seconds: float) -> dict[str, Any]:
+    """The results dict of the report schema (:mod:`matryoshka.report`)."""
+    data, sizes, metrics = exp.data, exp.sizes, exp.metrics
+    curves = {
+        "cascade": {
+            "title": "adaptive classification: top-1 against expected dimension (test)",
+            "xlabel": "expected representation size (log2)",
+            "ylabel": "top-1 accuracy",
+            "log2x": True,
+            "series": exp.cascade_series,
+        }
+    }
+    return {
+        "task": f"{data.name}: {data.num_classes}-way image classification and retrieval",
+        "sizes": sizes,
+        "metrics": metrics,
+        "metric_labels": METRIC_LABELS,
+        "notes": _findings(metrics, sizes) + _adaptive_findings(exp.adaptive, metrics, sizes),
+        "adaptive": exp.adaptive,
+        "curves": curves if exp.cascade_series else {},
+        "meta": {
+            "wall_seconds": round(wall_seconds, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "train_seconds": {k: round(v, 1) for k, v in exp.train_seconds.items()},
+            "data": {"name": data.name, **data.sizes()},
+            "train_config": asdict(exp.config.train),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.platform(),
+        },
+    }
+
+
 def run_image_experiment(
     config: ImageExperimentConfig, data: ImageSplits | None = None
 ) -> dict[str, Any]:
@@ -75,112 +197,15 @@ def run_image_experiment(
     ``config.out_dir``; returns the results dict (schema in :mod:`matryoshka.report`)."""
     t0 = time.perf_counter()
     base = config.train
-    out = Path(config.out_dir)
     if data is None:
         data = load_dataset(base.data, base.data_root, seed=base.seed)
-    sizes = list(base.nesting_obj())
-    y_train, y_test = data.y_train.numpy(), data.y_test.numpy()
-    metrics: dict[str, dict[str, list[float | None]]] = {k: {} for k in METRIC_LABELS}
-    train_seconds: dict[str, float] = {}
-
-    def embedding_metrics(z_tr: np.ndarray, z_te: np.ndarray) -> tuple[float, float, float]:
-        """``(linear probe, 1-NN, mAP@k)`` of one size's train/test embeddings."""
-        return (
-            linear_probe(z_tr, y_train, z_te, y_test, seed=base.seed),
-            knn1_accuracy(z_tr, y_train, z_te, y_test),
-            retrieval_map(z_te, y_test, config.map_k),
-        )
-
-    def record(name: str, rows: list[tuple[float, float, float, float]]) -> None:
-        """``rows``: one ``(top1, probe, knn1, map)`` per size."""
-        for metric, values in zip(METRIC_LABELS, zip(*rows, strict=True), strict=True):
-            metrics[metric][name] = list(values)
-
-    adaptive: dict[str, dict[str, Any]] = {}
-    cascade_series: dict[str, dict[str, list[float]]] = {}
+    exp = _Experiment(config, data, list(base.nesting_obj()))
     for method in (m for m in config.methods if m != "ff"):
-        name = {"mrl": "MRL", "mrl-e": "MRL-E"}[method]
-        run = train(replace(base, method=method, out_dir=str(out / "runs" / method)), data)
-        train_seconds[name] = run.seconds
-        # One backbone pass per split; the heads run on the stored embeddings.
-        z_tr, z_te = embed(run.model, data.x_train), embed(run.model, data.x_test)
-        head = run.model.head
-        with torch.no_grad():
-            test_logits = head(torch.from_numpy(z_te))  # (L, N, C)
-        top1 = (test_logits.argmax(-1) == data.y_test).double().mean(1)
-        # Adaptive classification: thresholds fit on the validation split, measured on test.
-        cascade = AdaptiveClassifier(head, head.nesting, tolerance=config.cascade_tolerance)
-        cascade.fit(torch.from_numpy(embed(run.model, data.x_val)), data.y_val)
-        adaptive[name] = cascade.evaluate(torch.from_numpy(z_te), data.y_test)
-        curve = cascade_curve(
-            test_logits.numpy(), y_test, head.nesting, tied=head.tied, seed=base.seed
-        )
-        cascade_series[f"{name} cascade"] = {
-            "x": [p["expected_dim"] for p in curve["cascade"]],
-            "y": [p["accuracy"] for p in curve["cascade"]],
-        }
-        cascade_series[f"{name} fixed sizes"] = {
-            "x": [p["expected_dim"] for p in curve["fixed"]],
-            "y": [p["accuracy"] for p in curve["fixed"]],
-        }
-        record(
-            name,
-            [
-                (float(t), *embedding_metrics(truncate_numpy(z_tr, m), truncate_numpy(z_te, m)))
-                for t, m in zip(top1.tolist(), sizes, strict=True)
-            ],
-        )
-
+        _run_nested(exp, method)
     if "ff" in config.methods:
-        ff_rows = []
-        for m in sizes:
-            ff_cfg = replace(base, method="ff", embed_dim=m, out_dir=str(out / "runs" / f"ff-{m}"))
-            run = train(ff_cfg, data)
-            train_seconds[f"FF-{m}"] = run.seconds
-            logits = predict_logits(run.model, data.x_test)[0]  # (N, C): the one size
-            top1_ff = float((logits.argmax(-1) == data.y_test).double().mean())
-            z_tr, z_te = embed(run.model, data.x_train), embed(run.model, data.x_test)
-            ff_rows.append((top1_ff, *embedding_metrics(z_tr, z_te)))
-        record("FF", ff_rows)
-        # Post-hoc baselines reduce the last (full-size) FF model's embeddings.
-        for method in config.posthoc:
-            rows = []
-            for m in sizes:
-                r_tr, r_te = posthoc_reduce(method, z_tr, z_te, m, seed=base.seed)
-                probe, knn, mp = embedding_metrics(r_tr, r_te)
-                rows.append((probe, probe, knn, mp))  # no trained head: top-1 is the probe
-            record(f"FF-{sizes[-1]} + {method}", rows)
-
-    results: dict[str, Any] = {
-        "task": f"{data.name}: {data.num_classes}-way image classification and retrieval",
-        "sizes": sizes,
-        "metrics": metrics,
-        "metric_labels": METRIC_LABELS,
-        "notes": _findings(metrics, sizes) + _adaptive_findings(adaptive, metrics, sizes),
-        "adaptive": adaptive,
-        "curves": {
-            "cascade": {
-                "title": "adaptive classification: top-1 against expected dimension (test)",
-                "xlabel": "expected representation size (log2)",
-                "ylabel": "top-1 accuracy",
-                "log2x": True,
-                "series": cascade_series,
-            }
-        }
-        if cascade_series
-        else {},
-        "meta": {
-            "wall_seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "train_seconds": {k: round(v, 1) for k, v in train_seconds.items()},
-            "data": {"name": data.name, **data.sizes()},
-            "train_config": asdict(base),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.platform(),
-        },
-    }
-    write_report(results, out)
+        _run_fixed(exp)
+    results = _results(exp, time.perf_counter() - t0)
+    write_report(results, exp.out)
     return results
 
 
