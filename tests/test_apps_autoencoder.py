@@ -13,8 +13,8 @@ from matryoshka.apps.autoencoder import (
     plot_scatter_2d,
     prefix_masks,
 )
-from matryoshka.apps.common import fit
 from matryoshka.nesting import Nesting
+from matryoshka.training.loop import fit
 
 
 def test_prefix_masks_keep_the_first_m_columns():

@@ -26,13 +26,14 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
 from torch import nn
 
-from matryoshka.apps.common import check_positive, config_to_dict, finish, fit
+from matryoshka.apps.common import check_positive, config_to_dict, finish
 from matryoshka.config import help_field
 from matryoshka.data.images import load_mnist_subset
 from matryoshka.evaluation.image import knn1_accuracy
 from matryoshka.losses.classification import MatryoshkaLoss
 from matryoshka.nesting import Nesting
 from matryoshka.training.image import seed_everything
+from matryoshka.training.loop import fit
 
 __all__ = [
     "AutoencoderConfig",

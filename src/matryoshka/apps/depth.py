@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from matryoshka.apps.common import check_positive, config_to_dict, finish, fit, make_nesting
+from matryoshka.apps.common import check_positive, config_to_dict, finish, make_nesting
 from matryoshka.apps.vit import ViTBackbone
 from matryoshka.config import help_field
 from matryoshka.data.images import load_mnist_subset
@@ -30,6 +30,7 @@ from matryoshka.models.heads import MatryoshkaHead
 from matryoshka.nesting import Nesting
 from matryoshka.report import line_axes, save_line_plot
 from matryoshka.training.image import seed_everything
+from matryoshka.training.loop import fit
 
 __all__ = ["DepthConfig", "DepthMatryoshka", "depth_loss", "plot_quality_vs_compute", "run_depth"]
 

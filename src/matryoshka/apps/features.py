@@ -30,7 +30,6 @@ from matryoshka.apps.common import (
     check_positive,
     config_to_dict,
     finish,
-    fit,
     load_digits_images,
     make_nesting,
 )
@@ -40,6 +39,7 @@ from matryoshka.losses.classification import MatryoshkaLoss
 from matryoshka.models.heads import MatryoshkaHead
 from matryoshka.ops import truncate
 from matryoshka.training.image import seed_everything
+from matryoshka.training.loop import fit
 
 __all__ = [
     "FeaturesConfig",

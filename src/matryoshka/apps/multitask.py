@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from matryoshka.apps.common import check_positive, config_to_dict, finish, fit, make_nesting
+from matryoshka.apps.common import check_positive, config_to_dict, finish, make_nesting
 from matryoshka.backbones import create_backbone
 from matryoshka.backbones.mlp import MLP
 from matryoshka.config import help_field
@@ -38,6 +38,7 @@ from matryoshka.models.classifier import backbone_dim
 from matryoshka.models.heads import MatryoshkaHead
 from matryoshka.nesting import Nesting
 from matryoshka.training.image import seed_everything
+from matryoshka.training.loop import fit
 
 __all__ = [
     "DATASETS",

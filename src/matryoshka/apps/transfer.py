@@ -25,7 +25,6 @@ from matryoshka.apps.common import (
     check_positive,
     config_to_dict,
     finish,
-    fit,
     load_digits_images,
     select_classes,
 )
@@ -37,6 +36,7 @@ from matryoshka.models.classifier import MatryoshkaClassifier
 from matryoshka.nesting import Nesting
 from matryoshka.training.config import TrainConfig
 from matryoshka.training.image import predict_logits, seed_everything, train
+from matryoshka.training.loop import fit
 
 __all__ = [
     "MODES",
