@@ -10,7 +10,7 @@ EXTRAS := data,faiss,text,serve,milvus,pgvector,rl,dev
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: venv system-deps demo test test-slow lint bench clean
+.PHONY: venv system-deps demo figures test test-slow lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ system-deps:
 
 demo: $(STAMP)
 	$(VENV)/bin/mrl demo --out $(OUT)
+
+# The README's demo table from a fresh demo run (seed 0): `make figures`.
+figures: demo
+	$(PY) tools/readme_tables.py --results $(OUT)/metrics.json
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -m "not slow"
