@@ -86,6 +86,106 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _check_dims_fit_model(model: nn.Module, dims: Sequence[int], given: Sequence[int]) -> None:
+    """``dims`` must not exceed the model's embedding size; a warning when they stop short."""
+    matryoshka_dims = given
+    embedding_dim = _embedding_dim(model)
+    if embedding_dim is not None:
+        if max(dims) > embedding_dim:
+            raise ValueError(
+                f"matryoshka_dims={list(matryoshka_dims)} contains {max(dims)} but the model's "
+                f"embedding dimension is {embedding_dim}: keep every dim <= {embedding_dim}."
+            )
+        if max(dims) < embedding_dim:
+            logger.warning(
+                "matryoshka_dims=%s does not include the model's embedding dimension %d: the "
+                "coordinates beyond %d are not trained; add %d to train the full embedding.",
+                list(matryoshka_dims),
+                embedding_dim,
+                max(dims),
+                embedding_dim,
+            )
+
+
+def _check_mnrl_options(
+    n_dims_per_step: int,
+    dims: Sequence[int],
+    scale: float,
+    similarity_fct: Callable[[Tensor, Tensor], Tensor],
+    gather_across_devices: bool,
+    directions: Sequence[str],
+    partition_mode: str,
+    hardness_mode: str | None,
+    hardness_strength: float,
+) -> tuple[str, ...]:
+    """The options the fused kernel supports (MNRL's, cosine InfoNCE on one process); the
+    directions as a tuple. Anything else is a ``ValueError`` naming it and the way out."""
+    if not _is_int(n_dims_per_step) or not (
+        n_dims_per_step == -1 or 1 <= n_dims_per_step <= len(dims)
+    ):
+        raise ValueError(
+            f"n_dims_per_step={n_dims_per_step!r} must be -1 (every dim each step) or an int "
+            f"in [1, {len(dims)}] (matryoshka_dims has {len(dims)} entries)."
+        )
+    if not (isinstance(scale, int | float) and not isinstance(scale, bool)) or not (
+        0.0 < scale < float("inf")
+    ):
+        raise ValueError(
+            f"scale={scale!r} must be a positive finite float, e.g. 20.0 (temperature 0.05)."
+        )
+    if similarity_fct is not cos_sim:
+        name = getattr(similarity_fct, "__name__", type(similarity_fct).__name__)
+        raise ValueError(
+            f"similarity_fct={name} is not supported: the fused loss is cosine-only; leave "
+            f"similarity_fct at its default sentence_transformers.util.cos_sim, or {_FALLBACK}."
+        )
+    if gather_across_devices:
+        raise ValueError(
+            f"gather_across_devices={gather_across_devices!r} is not supported: the fused loss "
+            f"sees one process's batch; set gather_across_devices=False, or {_FALLBACK}."
+        )
+    dirs = tuple(directions)
+    if dirs not in (_FORWARD, _SYMMETRIC, _SYMMETRIC[::-1]):
+        raise ValueError(
+            f"directions={dirs!r} is not supported: use ('query_to_doc',) or "
+            f"('query_to_doc', 'doc_to_query'), or {_FALLBACK}."
+        )
+    if partition_mode not in ("joint", "per_direction"):
+        raise ValueError(f"partition_mode={partition_mode!r} must be 'joint' or 'per_direction'.")
+    symmetric = len(dirs) == 2
+    if symmetric and partition_mode != "per_direction":
+        raise ValueError(
+            f"partition_mode={partition_mode!r} with directions={dirs!r} is not supported: the "
+            "fused symmetric loss is the mean of the two directions' losses; set "
+            f"partition_mode='per_direction', or {_FALLBACK}."
+        )
+    if hardness_mode is not None:
+        raise ValueError(
+            f"hardness_mode={hardness_mode!r} is not supported: set hardness_mode=None, "
+            f"or {_FALLBACK}."
+        )
+    if not (isinstance(hardness_strength, int | float) and hardness_strength >= 0.0):
+        raise ValueError(f"hardness_strength={hardness_strength!r} must be a float >= 0.")
+    return dirs
+
+
+def _check_cache_options(mini_batch_size: int | None, mini_batch_num_tokens: int | None) -> None:
+    """Gradient-caching options: ``None`` or positive ints, tokens only with a batch size."""
+    for name, value in (
+        ("mini_batch_size", mini_batch_size),
+        ("mini_batch_num_tokens", mini_batch_num_tokens),
+    ):
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ValueError(
+                f"{name}={value!r} must be None (no gradient caching) or a positive int, e.g. 32."
+            )
+    if mini_batch_num_tokens is not None and mini_batch_size is None:
+        raise ValueError(
+            f"mini_batch_num_tokens={mini_batch_num_tokens} needs gradient caching: also set "
+            "mini_batch_size (e.g. 32), which then bounds the loss's chunks of anchors."
+        )
+
+
 class FusedMatryoshkaLoss(CachedLossMixin, nn.Module):
     """``MatryoshkaLoss(MultipleNegativesRankingLoss)`` in one fused pass over all dims.
 
@@ -144,84 +244,20 @@ class FusedMatryoshkaLoss(CachedLossMixin, nn.Module):
         super().__init__()
         self.model = model
         dims, weights = _check_dims(matryoshka_dims, matryoshka_weights)
-        embedding_dim = _embedding_dim(model)
-        if embedding_dim is not None:
-            if max(dims) > embedding_dim:
-                raise ValueError(
-                    f"matryoshka_dims={list(matryoshka_dims)} contains {max(dims)} but the model's "
-                    f"embedding dimension is {embedding_dim}: keep every dim <= {embedding_dim}."
-                )
-            if max(dims) < embedding_dim:
-                logger.warning(
-                    "matryoshka_dims=%s does not include the model's embedding dimension %d: the "
-                    "coordinates beyond %d are not trained; add %d to train the full embedding.",
-                    list(matryoshka_dims),
-                    embedding_dim,
-                    max(dims),
-                    embedding_dim,
-                )
-        if not _is_int(n_dims_per_step) or not (
-            n_dims_per_step == -1 or 1 <= n_dims_per_step <= len(dims)
-        ):
-            raise ValueError(
-                f"n_dims_per_step={n_dims_per_step!r} must be -1 (every dim each step) or an int "
-                f"in [1, {len(dims)}] (matryoshka_dims has {len(dims)} entries)."
-            )
-        if not (isinstance(scale, int | float) and not isinstance(scale, bool)) or not (
-            0.0 < scale < float("inf")
-        ):
-            raise ValueError(
-                f"scale={scale!r} must be a positive finite float, e.g. 20.0 (temperature 0.05)."
-            )
-        if similarity_fct is not cos_sim:
-            name = getattr(similarity_fct, "__name__", type(similarity_fct).__name__)
-            raise ValueError(
-                f"similarity_fct={name} is not supported: the fused loss is cosine-only; leave "
-                f"similarity_fct at its default sentence_transformers.util.cos_sim, or {_FALLBACK}."
-            )
-        if gather_across_devices:
-            raise ValueError(
-                f"gather_across_devices={gather_across_devices!r} is not supported: the fused loss "
-                f"sees one process's batch; set gather_across_devices=False, or {_FALLBACK}."
-            )
-        dirs = tuple(directions)
-        if dirs not in (_FORWARD, _SYMMETRIC, _SYMMETRIC[::-1]):
-            raise ValueError(
-                f"directions={dirs!r} is not supported: use ('query_to_doc',) or "
-                f"('query_to_doc', 'doc_to_query'), or {_FALLBACK}."
-            )
-        if partition_mode not in ("joint", "per_direction"):
-            raise ValueError(
-                f"partition_mode={partition_mode!r} must be 'joint' or 'per_direction'."
-            )
+        _check_dims_fit_model(model, dims, matryoshka_dims)
+        dirs = _check_mnrl_options(
+            n_dims_per_step,
+            dims,
+            scale,
+            similarity_fct,
+            gather_across_devices,
+            directions,
+            partition_mode,
+            hardness_mode,
+            hardness_strength,
+        )
         symmetric = len(dirs) == 2
-        if symmetric and partition_mode != "per_direction":
-            raise ValueError(
-                f"partition_mode={partition_mode!r} with directions={dirs!r} is not supported: the "
-                "fused symmetric loss is the mean of the two directions' losses; set "
-                f"partition_mode='per_direction', or {_FALLBACK}."
-            )
-        if hardness_mode is not None:
-            raise ValueError(
-                f"hardness_mode={hardness_mode!r} is not supported: set hardness_mode=None, "
-                f"or {_FALLBACK}."
-            )
-        if not (isinstance(hardness_strength, int | float) and hardness_strength >= 0.0):
-            raise ValueError(f"hardness_strength={hardness_strength!r} must be a float >= 0.")
-        for name, value in (
-            ("mini_batch_size", mini_batch_size),
-            ("mini_batch_num_tokens", mini_batch_num_tokens),
-        ):
-            if value is not None and (not _is_int(value) or value < 1):
-                raise ValueError(
-                    f"{name}={value!r} must be None (no gradient caching) or a positive int, "
-                    "e.g. 32."
-                )
-        if mini_batch_num_tokens is not None and mini_batch_size is None:
-            raise ValueError(
-                f"mini_batch_num_tokens={mini_batch_num_tokens} needs gradient caching: also set "
-                "mini_batch_size (e.g. 32), which then bounds the loss's chunks of anchors."
-            )
+        _check_cache_options(mini_batch_size, mini_batch_num_tokens)
         self.matryoshka_dims: tuple[int, ...] = tuple(m for m, _ in _dims_desc(dims, weights))
         self.matryoshka_weights: tuple[float, ...] = tuple(w for _, w in _dims_desc(dims, weights))
         self.n_dims_per_step = n_dims_per_step
