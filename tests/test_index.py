@@ -259,3 +259,62 @@ def test_cli_errors_exit_2_with_the_message(
     assert "built from model 'a'" in capsys.readouterr().err
     assert run_cli(["search", "--index", str(idx)]) == 2
     assert "pass --queries Q.npy (batch) or --interactive" in capsys.readouterr().err
+
+
+def test_load_index_model_override_warns(tmp_path: Path) -> None:
+    path = make_index("exact", 8, model_name="a").add(X[:50]).save(tmp_path / "a.index")
+    with pytest.raises(ValueError, match=r"allow_model_mismatch=True"):
+        load_index(path, model_name="b")
+    with pytest.warns(UserWarning, match=r"built from model 'a'.*Loading it anyway"):
+        index = load_index(path, model_name="b", allow_model_mismatch=True)
+    assert index.model_name == "a"
+    unknown = make_index("exact", 8).add(X[:50]).save(tmp_path / "u.index")
+    with pytest.raises(ValueError, match=r"does not record its model \(model_name 'unknown'\)"):
+        load_index(unknown, model_name="b")
+    with pytest.warns(UserWarning, match="anyway"), pytest.raises(ValueError, match="dim=16 but"):
+        load_index(path, model_name="b", dim=16, allow_model_mismatch=True)  # size still checked
+
+
+def test_cli_search_checks_model_and_dimension(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mrl search` exits 2 naming both models (from --model-name or the queries' sidecar) or
+    both sizes; an index of model 'unknown' is refused; --allow-model-mismatch goes on."""
+    import json
+
+    np.save(tmp_path / "x.npy", X)
+    np.save(tmp_path / "q.npy", Q)
+    idx, unknown = tmp_path / "x.index", tmp_path / "u.index"
+    build = ["index", "build", str(tmp_path / "x.npy"), "--dim", "16", "--quiet"]
+    assert run_cli([*build, "--model-name", "toy", "--out", str(idx)]) == 0
+    assert run_cli([*build, "--out", str(unknown)]) == 0
+    capsys.readouterr()
+    search = ["search", "--queries", str(tmp_path / "q.npy"), "--k", "3"]
+    assert run_cli([*search, "--index", str(idx), "--model-name", "other"]) == 2
+    err = capsys.readouterr().err
+    assert "built from model 'toy'" in err
+    assert "'other'" in err
+    assert "--allow-model-mismatch" in err
+    (tmp_path / "q.json").write_text(json.dumps({"model": "sidecar-model", "adaptor": None}))
+    assert run_cli([*search, "--index", str(idx)]) == 2  # the sidecar names the queries' model
+    assert "come from 'sidecar-model'" in capsys.readouterr().err
+    assert run_cli([*search, "--index", str(idx), "--allow-model-mismatch"]) == 0
+    assert "warning:" in capsys.readouterr().err
+    (tmp_path / "q.json").unlink()
+    assert run_cli([*search, "--index", str(unknown)]) == 2
+    assert "does not record its model" in capsys.readouterr().err
+    assert run_cli([*search, "--index", str(unknown), "--allow-model-mismatch"]) == 0
+    capsys.readouterr()
+    np.save(tmp_path / "q8.npy", Q[:, :8])
+    short = ["search", "--queries", str(tmp_path / "q8.npy"), "--index", str(idx)]
+    assert run_cli(short) == 2
+    err = capsys.readouterr().err
+    assert "dimension 8" in err
+    assert "m=16" in err
+    funnel = ["--funnel-corpus", str(tmp_path / "x.npy"), "--shortlist-k", "50"]
+    np.save(tmp_path / "q24.npy", Q[:, :24])
+    assert run_cli(["search", "--queries", str(tmp_path / "q24.npy"), "--index", str(idx),
+                    *funnel]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "dimension 24" in err
+    assert f"{X.shape[1]}-d" in err

@@ -367,3 +367,52 @@ def test_cli_build_and_search(
     assert "needs --uri" in capsys.readouterr().err
     with open_vectordb(backend, uri, "cli_corpus") as store:
         store.drop()
+
+
+# -- the header's model check, without a database ------------------------------------------------
+class _HeaderOnly(DatabaseFunnel):
+    """Just enough of a backend to run :meth:`DatabaseFunnel._setup` on a stored header."""
+
+    backend = "fake"
+    name = "t"
+
+    def __init__(self, stored: dict[str, Any] | None, **kwargs: Any) -> None:
+        self._setup(stored, "fake store 't'", hnsw_m=16, ef_construction=64, **kwargs)
+
+    ntotal = 0
+
+    def _next_id(self) -> int:
+        return 0
+
+    def _write(self, x: np.ndarray, ids: np.ndarray, upsert: bool) -> None: ...
+
+    def _delete(self, ids: np.ndarray) -> int:
+        return 0
+
+    def _search(self, *args: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+    def drop(self) -> None: ...
+
+
+def _stored(model_name: str) -> dict[str, Any]:
+    header = _HeaderOnly(None, dim=8, shortlist_size=4, model_name=model_name, normalize=None)
+    return header.header()
+
+
+def test_header_of_another_model_is_refused_unless_allowed() -> None:
+    common = {"dim": None, "shortlist_size": None, "normalize": None}
+    stored = _stored("minilm")
+    with pytest.raises(ValueError, match=r"model_name='bge' but fake store 't' holds .*'minilm'"):
+        _HeaderOnly(stored, model_name="bge", **common)
+    with pytest.warns(UserWarning, match="Opening it anyway"):
+        store = _HeaderOnly(stored, model_name="bge", allow_model_mismatch=True, **common)
+    assert store.model_name == "minilm"
+    assert _HeaderOnly(stored, model_name="minilm", **common).model_name == "minilm"
+    unknown = _stored("unknown")
+    assert unknown["model_name"] == "unknown"
+    with pytest.raises(ValueError, match=r"does not record its model \(model_name 'unknown'\)"):
+        _HeaderOnly(unknown, model_name="bge", **common)
+    with pytest.raises(ValueError, match=r"dim=16 but"):  # the size checks stay
+        _HeaderOnly(stored, model_name="minilm", **{**common, "dim": 16})

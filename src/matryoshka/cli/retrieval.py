@@ -93,12 +93,24 @@ def _db_build(args: argparse.Namespace) -> int:
 
 
 def _db_search(args: argparse.Namespace) -> Any:
-    """The ``search`` function of the ``--backend milvus|pgvector`` store (funnel in the DB)."""
-    kwargs: dict[str, Any] = {"model_name": args.model_name, "shortlist_k": args.shortlist_k}
+    """The ``search`` function of the ``--backend milvus|pgvector`` store (funnel in the DB).
+
+    The store refuses a header of another model than ``--model-name``; with
+    ``--allow-model-mismatch`` it is opened unchecked and a mismatch is only a warning."""
+    allow = bool(args.allow_model_mismatch)
+    kwargs: dict[str, Any] = {"model_name": None if allow else args.model_name}
+    kwargs["shortlist_k"] = args.shortlist_k
     kwargs["rerank"] = tuple(args.rerank) if args.rerank else None
     if args.ef_search is not None:
         kwargs["ef_search"] = args.ef_search
-    return _db_open(args, **kwargs).search
+    store = _db_open(args, **kwargs)
+    if allow and args.model_name and store.model_name != args.model_name:
+        print(
+            f"mrl search: warning: model_name={args.model_name!r} but {store.where} holds "
+            f"embeddings of model {store.model_name!r}; searching anyway (--allow-model-mismatch).",
+            file=sys.stderr,
+        )
+    return store.search
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
@@ -138,8 +150,77 @@ def _read_vectors(lines: Iterable[str]) -> Iterable[np.ndarray]:
             yield np.array([float(v) for v in line.split()], dtype=np.float32)
 
 
+def _queries_model(args: argparse.Namespace) -> str | None:
+    """The model the queries come from: ``--model-name``, else the ``model`` of the queries'
+    ``.json`` sidecar (written by ``mrl embed``; not used when it names an adaptor, whose
+    vectors are not the model's), else ``None`` (unknown)."""
+    if args.model_name:
+        return str(args.model_name)
+    if not args.queries:
+        return None
+    sidecar = Path(args.queries).with_suffix(".json")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("adaptor") or not meta.get("model"):
+        return None
+    return str(meta["model"])
+
+
+def _check_index_model(args: argparse.Namespace, index: Any) -> None:
+    """Refuse an index of another model than the queries', or of model ``"unknown"`` (a
+    ``ValueError`` naming both), unless ``--allow-model-mismatch`` (then a warning)."""
+    queries_model = _queries_model(args)
+    built = str(index.model_name)
+    if built == "unknown":
+        problem = (
+            f"the index {args.index} does not record its model (model_name 'unknown'), so the "
+            f"queries ({queries_model or 'model not stated'}) cannot be checked against it: "
+            "rebuild it with `mrl index build --model-name NAME`"
+        )
+    elif queries_model is not None and queries_model != built:
+        problem = (
+            f"the index {args.index} was built from model {built!r} but the queries come from "
+            f"{queries_model!r}: embed the queries with {built!r} or rebuild the index for "
+            f"{queries_model!r}"
+        )
+    else:
+        return
+    if not args.allow_model_mismatch:
+        raise ValueError(f"{problem}, or pass --allow-model-mismatch to search anyway.")
+    print(
+        f"mrl search: warning: {problem}; searching anyway (--allow-model-mismatch).",
+        file=sys.stderr,
+    )
+
+
+def _check_query_dim(q: np.ndarray, index: Any, funnel_dim: int | None) -> None:
+    """Queries ``(Q, D)`` need ``D >= m`` (the index's prefix size), and ``D == d`` (the funnel
+    corpus's size) with ``--funnel-corpus``; a ``ValueError`` naming both sizes otherwise."""
+    d = int(q.shape[-1])
+    if funnel_dim is not None and d != funnel_dim:
+        raise ValueError(
+            f"the queries have dimension {d} but --funnel-corpus holds {funnel_dim}-d vectors: "
+            f"pass (Q, {funnel_dim}) queries from the corpus's model."
+        )
+    if d < int(index.dim):
+        raise ValueError(
+            f"the queries have dimension {d} but the index {index!r} holds prefixes of size "
+            f"m={index.dim}: pass queries with at least {index.dim} dimensions from the "
+            f"index's model {index.model_name!r}."
+        )
+
+
 def cmd_search(args: argparse.Namespace) -> int:
-    """``mrl search``: batch (``--queries q.npy``) or ``--interactive`` (a vector per line)."""
+    """``mrl search``: batch (``--queries q.npy``) or ``--interactive`` (a vector per line).
+
+    Exits 2 when the index was built for another model than the queries' (``--model-name``,
+    else the queries' ``mrl embed`` sidecar), for model ``"unknown"``, or when the queries'
+    dimension does not fit the index (or the funnel corpus); ``--allow-model-mismatch`` lets the
+    model checks pass with a warning.
+    """
+    funnel_dim: int | None = None
     try:
         if args.backend in DB_BACKENDS:
             search: Any = _db_search(args)
@@ -147,7 +228,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         elif not args.index:
             return fail("pass --index FILE, or --backend milvus|pgvector --uri URI.")
         else:
-            index = load_index(args.index, model_name=args.model_name)
+            index = load_index(args.index)
+            _check_index_model(args, index)
             search = index.search
         if args.funnel_corpus and args.backend not in DB_BACKENDS:
             from matryoshka.retrieval.funnel import FunnelRetriever
@@ -156,10 +238,13 @@ def cmd_search(args: argparse.Namespace) -> int:
             fr = FunnelRetriever(
                 index.dim, args.shortlist_k, rerank, index=index, normalize=index.normalize
             ).fit(args.funnel_corpus)
+            funnel_dim = int(fr.dim)
             search = fr.search
         if args.interactive:
             print(f"{index}: one query vector per line (floats), Ctrl-D to quit", file=sys.stderr)
             for q in _read_vectors(sys.stdin):
+                if args.backend not in DB_BACKENDS:
+                    _check_query_dim(q[None, :], index, funnel_dim)
                 scores, ids = search(q[None, :], args.k)
                 _write_hits(scores, ids, sys.stdout)
                 sys.stdout.flush()
@@ -167,6 +252,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         if not args.queries:
             return fail("pass --queries Q.npy (batch) or --interactive.")
         q = _load_npy(args.queries, "queries")
+        if args.backend not in DB_BACKENDS:
+            _check_query_dim(q, index, funnel_dim)
         scores, ids = search(q, args.k)
     except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:
         return fail(str(e))
@@ -223,7 +310,16 @@ def _add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries", default=None, help="(Q, d) query embeddings .npy")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--out", default=None, help="results: .jsonl (ids, scores) or .npz")
-    p.add_argument("--model-name", default=None, help="refuse an index built from another model")
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="the queries' model (default: their mrl embed sidecar): refuse an index of another",
+    )
+    p.add_argument(
+        "--allow-model-mismatch",
+        action="store_true",
+        help="search an index built for another (or an unknown) model anyway, with a warning",
+    )
     p.add_argument("--interactive", action="store_true", help="read query vectors from stdin")
     p.add_argument("--funnel-corpus", default=None, help="(N, d) .npy: rerank through a funnel")
     p.add_argument("--shortlist-k", type=int, default=200, help="funnel shortlist size k'")

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -471,11 +472,15 @@ def load_index(
     model_name: str | None = None,
     dim: int | None = None,
     normalize: bool | None = None,
+    allow_model_mismatch: bool = False,
 ) -> VectorIndex:
     """Load an index written by :meth:`VectorIndex.save`, verifying header and checksum.
 
     ``model_name``, ``dim`` and ``normalize``, when given, must match the header (the model and
     prefix size the queries will come from); a mismatch raises ``ValueError`` naming both values.
+    A header whose model is ``"unknown"`` does not match a given ``model_name`` either.
+    ``allow_model_mismatch=True`` turns a model mismatch into a ``UserWarning`` (the index is
+    loaded as it is); the size and normalisation checks stay.
     """
     from safetensors import safe_open
 
@@ -505,10 +510,21 @@ def load_index(
         if _sha256(arr) != checksums[name]:
             raise _corrupt(path, f"checksum mismatch in {name!r}")
     if model_name is not None and model_name != hmodel:
-        raise ValueError(
-            f"model_name={model_name!r} but the index at {path} was built from model {hmodel!r}: "
-            f"embed the queries with {hmodel!r} or rebuild the index for {model_name!r}."
-        )
+        if hmodel == "unknown":
+            message = (
+                f"model_name={model_name!r} but the index at {path} does not record its model "
+                f"(model_name 'unknown'): rebuild it with `mrl index build --model-name "
+                f"{model_name}`, or pass allow_model_mismatch=True (--allow-model-mismatch)."
+            )
+        else:
+            message = (
+                f"model_name={model_name!r} but the index at {path} was built from model "
+                f"{hmodel!r}: embed the queries with {hmodel!r} or rebuild the index for "
+                f"{model_name!r} (allow_model_mismatch=True / --allow-model-mismatch to go on)."
+            )
+        if not allow_model_mismatch:
+            raise ValueError(message)
+        warnings.warn(f"{message} Loading it anyway (allow_model_mismatch).", stacklevel=2)
     if dim is not None and dim != hdim:
         raise ValueError(
             f"dim={dim} but the index at {path} holds prefixes of size m={hdim}: "

@@ -5,13 +5,22 @@
 
 Endpoints (the embeddings API follows OpenAI's, so its clients work unchanged):
 
-* ``POST /v1/embeddings``: ``input`` (a string or a list of strings), ``model``, ``dimensions``
-  (any size ``1..d``: the first ``dimensions`` coordinates, re-normalised to unit length),
-  ``encoding_format`` (``float`` or ``base64``: little-endian float32); ``usage`` counts tokens.
+* ``POST /v1/embeddings``: ``input`` (a string, a list of strings, or the model tokenizer's ids:
+  a list of ints for one input or a list of such lists, as OpenAI's API and TEI take them),
+  ``model``, ``dimensions`` (any size ``1..d``: the first ``dimensions`` coordinates,
+  re-normalised to unit length), ``encoding_format`` (``float`` or ``base64``: little-endian
+  float32); ``usage`` counts tokens.
 * ``POST /v1/search``: a query text or vector, ``k``, and either an explicit funnel
   (``shortlist_size`` m_s, ``shortlist_k`` k', ``rerank_sizes``) or a ``target_recall`` served by
-  a funnel tuned on the corpus; exact full-size search when neither is given. Returns ids,
-  scores and the sizes used.
+  a funnel tuned on queries that are not corpus rows (``tune_queries_file``, else noisy corpus
+  rows; ``recall_measured_on`` says which); exact full-size search when neither is given.
+  Returns ids, scores and the sizes used.
+
+The served model id is the model's name, or with an adaptor ``<model>+adaptor-<8 hex of the
+adaptor weights' SHA-256>`` (``served_model_name`` replaces it); with an adaptor the base model's
+id is refused (404), its vectors being different. An ``index`` built for another model is refused
+at start (``allow_model_mismatch`` overrides). Request bodies over ``max_body_bytes`` (2 MB) get
+a 413 before they are parsed; tokenisation and input checks run in a worker thread.
 * ``GET /health``, ``GET /v1/models``, ``GET /metrics`` (Prometheus text format).
 
 Concurrent requests are batched into one encoder call (:class:`DynamicBatcher`: an asyncio queue

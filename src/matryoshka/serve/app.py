@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,13 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from matryoshka.serve.config import ServeConfig
-from matryoshka.serve.errors import ServeError, http_error, internal_error, validation_error
+from matryoshka.serve.errors import (
+    ServeError,
+    body_too_large,
+    http_error,
+    internal_error,
+    validation_error,
+)
 from matryoshka.serve.schemas import (
     ERROR_RESPONSES,
     EmbeddingRequest,
@@ -37,10 +43,100 @@ from matryoshka.serve.schemas import (
 )
 from matryoshka.serve.service import EmbeddingService
 
-__all__ = ["build_app", "create_app", "listening_message", "run"]
+__all__ = ["BodyLimit", "build_app", "create_app", "listening_message", "run"]
 
 #: Exit status of :func:`run` when the app failed to start (uvicorn's own).
 STARTUP_FAILURE = 3
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with HTTP 413 before parsing.
+
+    A ``Content-Length`` over the limit is refused before a byte of the body is read; otherwise
+    the body is read here, counting the bytes as they stream in (chunked uploads carry no
+    length), and refused as soon as the count passes the limit. A body within the limit is
+    handed to the app unchanged. Refused bodies are drained (up to ``drain_bytes``) before the
+    413 goes out, so that a client still sending reads the answer instead of a reset connection.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int | None = None) -> None:
+        self.app = app
+        self.max_bytes = int(max_bytes)
+        self.drain_bytes = drain_bytes if drain_bytes is not None else max(64 << 20, 8 * max_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass ``scope`` on, with its body checked (``http`` requests only)."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _content_length(scope)
+        if length is not None and length > self.max_bytes:
+            if length <= self.drain_bytes:
+                await self._drain(receive, 0)
+            await self._refuse(scope, receive, send, body_too_large(length, self.max_bytes))
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = bytes(message.get("body", b""))
+            more = bool(message.get("more_body", False))
+            size += len(chunk)
+            if size > self.max_bytes:
+                if more:
+                    await self._drain(receive, size)
+                error = body_too_large(size, self.max_bytes, streamed=length is None)
+                await self._refuse(scope, receive, send, error)
+                return
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as usual
+
+        await self.app(scope, replay, send)
+
+    async def _drain(self, receive: Receive, seen: int) -> None:
+        """Read and drop the rest of the body, up to ``drain_bytes`` in all."""
+        while seen <= self.drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, error: ServeError) -> None:
+        """Answer ``error`` (a 413) and close the connection."""
+        response = error.response()
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    """The request's ``Content-Length``, or ``None`` when absent or not a number."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def create_app(
@@ -86,6 +182,8 @@ def build_app(service: EmbeddingService) -> FastAPI:
     app.state.batcher = service.batcher
     app.state.search = service.engine
     _add_error_handlers(app)
+    # Added first, so it runs inside the metrics middleware: 413s are counted too.
+    app.add_middleware(BodyLimit, max_bytes=service.config.max_body_bytes)
     _add_request_metrics(app, service)
     _add_routes(app, service)
     return app

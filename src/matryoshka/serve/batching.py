@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -13,8 +14,9 @@ from matryoshka.serve.metrics import Metrics
 
 __all__ = ["DynamicBatcher", "EncodeFn"]
 
-#: ``n`` texts -> ``(n, d)`` float32 embeddings, called in the batcher's one worker thread.
-EncodeFn = Callable[[list[str]], np.ndarray]
+#: ``n`` inputs (texts, or token-id lists: whatever the encoder takes) -> ``(n, d)`` float32
+#: embeddings, called in the batcher's one worker thread.
+EncodeFn = Callable[[list[Any]], np.ndarray]
 
 
 class DynamicBatcher:
@@ -40,7 +42,7 @@ class DynamicBatcher:
         self.enabled = enabled
         self.metrics = metrics or Metrics()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrl-encode")
-        self._queue: asyncio.Queue[tuple[list[str], asyncio.Future[np.ndarray]]] | None = None
+        self._queue: asyncio.Queue[tuple[list[Any], asyncio.Future[np.ndarray]]] | None = None
         self._worker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -62,8 +64,8 @@ class DynamicBatcher:
                     fut.set_exception(RuntimeError("the server is shutting down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def embed(self, texts: list[str]) -> np.ndarray:
-        """``n`` texts -> ``(n, d)`` embeddings, possibly computed with other requests' texts."""
+    async def embed(self, texts: list[Any]) -> np.ndarray:
+        """``n`` inputs -> ``(n, d)`` embeddings, possibly computed with other requests' inputs."""
         loop = asyncio.get_running_loop()
         if not self.enabled:
             out = await loop.run_in_executor(self._executor, self.encode, texts)

@@ -30,7 +30,11 @@ class ServeConfig:
 
     Attributes:
         model: sentence-transformers model name or path; ``None`` is the bundled MiniLM.
-        model_name: the id clients pass as ``model`` (default: the model's name).
+        model_name: the base model's id (default: the model's name); the served id without an
+            adaptor.
+        served_model_name: the id the server reports and clients pass as ``model``; default:
+            ``model_name``, or with an adaptor ``<model_name>+adaptor-<8 hex of the adaptor
+            weights' SHA-256>`` (then the base id is refused: its vectors differ).
         aliases: further ids accepted as ``model``.
         adaptor: path of a saved :class:`~matryoshka.models.adaptor.MatryoshkaAdaptor` making the
             model's prefixes good; without one, sizes are plain truncations of the model's output.
@@ -49,7 +53,16 @@ class ServeConfig:
         max_batch_size: most texts per encoder call.
         max_wait_ms: how long the first request of a batch waits for company.
         max_k: largest ``k`` accepted by ``/v1/search``.
-        tune_queries: corpus rows used as held-out queries when tuning a funnel for a target.
+        tune_queries_file: ``(Q, d)`` ``.npy`` of held-out query embeddings (in the served space,
+            not corpus rows) on which a funnel is tuned for a ``target_recall``.
+        tune_queries: without ``tune_queries_file``: how many stand-in queries are made from
+            corpus rows, each perturbed by Gaussian noise (see ``tune_noise``) and renormalised.
+        tune_noise: ``sigma``, the expected norm of the noise added to a (unit) corpus row to
+            make a stand-in query: ``q = normalize(x + sigma * g / sqrt(d))``, ``g ~ N(0, I_d)``
+            (0.5 puts a stand-in at cosine ~0.89 from its row).
+        max_body_bytes: largest request body accepted (HTTP 413 beyond), checked before parsing.
+        allow_model_mismatch: serve an ``index`` whose header names another model (or
+            ``"unknown"``), with a warning, instead of refusing to start.
         log_level: uvicorn's log level.
     """
 
@@ -57,7 +70,12 @@ class ServeConfig:
         None, "sentence-transformers model name or path (default: bundled MiniLM)"
     )
     model_name: str | None = _opt(
-        None, "model id clients send as `model` (default: the model's name)"
+        None, "base model id (default: the model's name); the served id without --adaptor"
+    )
+    served_model_name: str | None = _opt(
+        None,
+        "id reported and accepted as `model` (default: --model-name, or with --adaptor "
+        "MODEL+adaptor-<8 hex of its SHA-256>)",
     )
     aliases: tuple[str, ...] = _opt((), "further accepted model ids (repeatable)", flag="alias")
     adaptor: str | None = _opt(
@@ -84,12 +102,44 @@ class ServeConfig:
     max_batch_size: int = _opt(64, "most texts per encoder call")
     max_wait_ms: float = _opt(5.0, "how long a batch waits for more requests (ms)")
     max_k: int = _opt(1000, "largest k accepted by /v1/search")
-    tune_queries: int = _opt(200, "corpus rows used as queries when tuning for a target recall")
+    tune_queries_file: str | None = _opt(
+        None, "(Q, d) .npy held-out query embeddings to tune target_recall funnels on"
+    )
+    tune_queries: int = _opt(
+        200, "without --tune-queries-file: stand-in queries (noisy corpus rows) for tuning"
+    )
+    tune_noise: float = _opt(
+        0.5, "noise norm sigma of the stand-in tuning queries (unit rows + noise, renormalised)"
+    )
+    max_body_bytes: int = _opt(2_000_000, "largest request body in bytes (HTTP 413 beyond)")
+    allow_model_mismatch: bool = _opt(
+        False, "serve an --index built for another (or an unknown) model, with a warning"
+    )
     log_level: str = _opt("warning", "uvicorn log level")
 
     def __post_init__(self) -> None:
-        for name in ("max_inputs", "max_input_chars", "max_batch_size", "max_k", "tune_queries"):
+        for name in (
+            "max_inputs",
+            "max_input_chars",
+            "max_batch_size",
+            "max_k",
+            "tune_queries",
+            "max_body_bytes",
+        ):
             _check_int(name, getattr(self, name), 1)
+        for name in ("model_name", "served_model_name"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(
+                    f"{name}={value!r} must be a non-empty string, e.g. 'my-model' (or omit it)."
+                )
+        if isinstance(self.tune_noise, bool) or not (
+            isinstance(self.tune_noise, int | float) and 0 < self.tune_noise <= 10
+        ):
+            raise ValueError(
+                f"tune_noise={self.tune_noise!r} must be a number in (0, 10], e.g. 0.5 (the norm "
+                "of the noise added to a unit corpus row)."
+            )
         _check_int("port", self.port, 0)
         if self.max_input_tokens is not None:
             _check_int("max_input_tokens", self.max_input_tokens, 3)

@@ -19,6 +19,7 @@ __all__ = [
     "ENDPOINTS",
     "EXPECTED",
     "ServeError",
+    "body_too_large",
     "http_error",
     "internal_error",
     "validation_error",
@@ -29,7 +30,8 @@ ENDPOINTS = "POST /v1/embeddings, POST /v1/search, GET /v1/models, GET /health, 
 
 #: What each request parameter accepts, quoted in the messages about it.
 EXPECTED = {
-    "input": 'a non-empty string or a list of non-empty strings, e.g. "hello" or ["a", "b"]',
+    "input": 'a non-empty string or a list of non-empty strings, e.g. "hello" or ["a", "b"], '
+    "or token ids of the model's tokenizer: a list of ints, or a list of lists of ints",
     "model": "a model id string from GET /v1/models",
     "dimensions": "a positive integer (at most the model's dimension), e.g. 64",
     "encoding_format": '"float" or "base64"',
@@ -120,14 +122,41 @@ def _body_error(err: dict[str, Any]) -> ServeError:
     )
 
 
+def _positions(err: dict[str, Any]) -> tuple[int, ...]:
+    """The list positions an error points at, e.g. ``(0, 1)`` for ``input[0][1]``."""
+    return tuple(p for p in err.get("loc", ())[1:] if isinstance(p, int))
+
+
+def _closest_branch(errors: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Of a union's failed branches, the first error of the one the value came closest to.
+
+    Only errors pointing into a list element (e.g. ``input[3]``) count. A branch is closer when
+    it has fewer errors, then when its first error lies further into the value (``input[1]``
+    before ``input[0]``, ``input[0][1]`` before ``input[0]``): ``["ok", 3]`` is a list of
+    strings with a bad ``input[1]``, ``[101, true]`` a list of token ids with a bad ``input[1]``.
+    """
+    branches: dict[Any, list[dict[str, Any]]] = {}
+    for e in errors:
+        if _positions(e):
+            loc = e.get("loc", ())
+            branches.setdefault(loc[2] if len(loc) > 2 else None, []).append(e)
+    if not branches:
+        return None
+
+    def closeness(errs: list[dict[str, Any]]) -> tuple[int, int, list[int]]:
+        first = _positions(errs[0])
+        return len(errs), -len(first), [-p for p in first]
+
+    best = min(branches.values(), key=closeness)
+    return best[0]
+
+
 def validation_error(exc: RequestValidationError) -> ServeError:
     """Turn pydantic/FastAPI validation errors into one clear OpenAI-style error."""
     errors = list(exc.errors())
     if not errors:  # pragma: no cover - FastAPI always reports at least one
         return ServeError("The request body is invalid.", code="invalid_request")
-    # Prefer the error that points into a list element (e.g. input[3]) over a union's others.
-    err = next((e for e in errors if any(isinstance(p, int) for p in e.get("loc", ())[1:])), None)
-    err = err or errors[0]
+    err = _closest_branch(errors) or errors[0]
     kind = str(err.get("type", ""))
     loc = [p for p in err.get("loc", ()) if p != "body"]
     if kind == "json_invalid" or not loc:
@@ -182,6 +211,18 @@ def http_error(method: str, path: str, status: int, detail: Any) -> ServeError:
     if status in (404, 405):
         message += f" Endpoints: {ENDPOINTS}."
     return ServeError(message, status=status, code=code)
+
+
+def body_too_large(size: int, limit: int, *, streamed: bool = False) -> ServeError:
+    """The 413 for a body of ``size`` bytes (at least, when ``streamed``) over ``limit``."""
+    got = f"more than {limit}" if streamed else f"{size}"
+    return ServeError(
+        f"The request body has {got} bytes, more than this server's limit of {limit} "
+        "(max_body_bytes): send fewer or shorter inputs per request (or base64 vectors), or "
+        "start the server with a larger --max-body-bytes.",
+        status=413,
+        code="request_too_large",
+    )
 
 
 def internal_error(exc: BaseException) -> ServeError:

@@ -1,4 +1,5 @@
-"""The limits on request texts (count, characters, tokens) and the check that applies them."""
+"""The limits on request inputs (count, characters, tokens) and the checks that apply them: to
+texts, and to token-id lists (the model tokenizer's ids, as OpenAI's API and TEI accept)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,60 @@ class TextLimits:
                     code="input_too_long",
                 )
         return out, counts
+
+    def check_ids(
+        self, batch: list[list[int]], field: str, vocab_size: int
+    ) -> tuple[list[list[int]], list[int]]:
+        """The token-id lists to encode (cut to ``max_tokens`` if ``truncate``) and their lengths.
+
+        ``batch`` holds ``n`` lists of the model tokenizer's ids, each taken as it is (special
+        tokens are not added: send ``tokenizer(text)["input_ids"]`` to get the text's vector).
+        Raises :class:`ServeError` naming ``field`` (``field[i]`` for one of several inputs) for
+        an empty batch or list, too many inputs, a list over the token limit (unless cut), or an
+        id outside ``[0, vocab_size)``.
+        """
+        if not batch:
+            raise ServeError(
+                f"'{field}' is an empty list: pass at least one non-empty list of token ids.",
+                param=field,
+                code="empty_input",
+            )
+        if len(batch) > self.max_inputs:
+            raise ServeError(
+                f"'{field}' has {len(batch)} token-id lists but this server accepts at most "
+                f"{self.max_inputs} per request: split them into several requests.",
+                param=field,
+                code="too_many_inputs",
+            )
+        out: list[list[int]] = []
+        for i, ids in enumerate(batch):
+            where = _where(field, i, len(batch))
+            if not ids:
+                raise ServeError(
+                    f"'{where}' is an empty list of token ids: every input needs at least one "
+                    "token id.",
+                    param=where,
+                    code="empty_input",
+                )
+            if len(ids) > self.max_tokens:
+                if not self.truncate:
+                    raise ServeError(
+                        f"'{where}' has {len(ids)} token ids, more than the limit of "
+                        f"{self.max_tokens}: shorten it or split it into several inputs.",
+                        param=where,
+                        code="input_too_long",
+                    )
+                ids = ids[: self.max_tokens]
+            for j, t in enumerate(ids):
+                if not 0 <= t < vocab_size:
+                    raise ServeError(
+                        f"'{where}' holds the token id {t} at position {j}, outside the model's "
+                        f"vocabulary [0, {vocab_size}): send ids from the model's tokenizer.",
+                        param=where,
+                        code="invalid_token_id",
+                    )
+            out.append(ids)
+        return out, [len(ids) for ids in out]
 
     def _check_chars(self, text: str, where: str) -> str:
         """``text``, cut to ``max_chars`` when truncating; refused if empty or (else) too long."""

@@ -38,7 +38,11 @@ class _Strict(BaseModel):
 class EmbeddingRequest(_Strict):
     """``POST /v1/embeddings`` body (OpenAI's embeddings API)."""
 
-    input: str | list[str] = Field(description="A text or a list of texts to embed.")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, a list of texts, or token ids of the model's tokenizer: a list of "
+        "ints (one input, e.g. tokenizer(text)['input_ids'], special tokens included) or a list "
+        "of such lists (a batch)."
+    )
     model: str | None = Field(
         None, description="Model id (GET /v1/models); default: the served one."
     )
@@ -104,6 +108,12 @@ class SearchSizes(BaseModel):
     shortlist_k: int
     rerank_sizes: list[int]
     measured_recall: float | None = None
+    recall_measured_on: str | None = Field(
+        None,
+        description="What measured_recall was measured on: 'held-out queries' (the server's "
+        "--tune-queries-file) or 'perturbed corpus rows (sigma=S)' (unit corpus rows plus "
+        "Gaussian noise of norm S, renormalised; never the rows themselves).",
+    )
 
 
 class SearchResponse(BaseModel):
@@ -131,4 +141,5 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
     404: {"model": ErrorResponse, "description": "Unknown model"},
+    413: {"model": ErrorResponse, "description": "Request body too large"},
 }

@@ -1,16 +1,46 @@
-"""Search over the served corpus: exact, an explicit funnel, or a funnel tuned for a recall."""
+"""Search over the served corpus: exact, an explicit funnel, or a funnel tuned for a recall.
+
+A funnel tuned for a ``target_recall`` is measured on queries that are not corpus rows (a corpus
+row finds itself at every prefix size, so tuning on rows over-promises): on held-out query
+embeddings when the server has them (``tune_queries_file``), else on stand-ins made from corpus
+rows by adding Gaussian noise of norm ``sigma`` and renormalising (:func:`perturbed_rows`). Each
+tuned answer says which (``recall_measured_on``).
+"""
 
 from __future__ import annotations
 
 import math
 import threading
+import warnings
+from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from matryoshka.serve.errors import ServeError
 
-__all__ = ["SearchEngine", "load_search"]
+__all__ = ["HELD_OUT", "SearchEngine", "check_index_model", "load_search", "perturbed_rows"]
+
+#: ``recall_measured_on`` of a funnel tuned on the server's held-out queries.
+HELD_OUT = "held-out queries"
+
+
+def perturbed_rows(corpus: np.ndarray, n: int, sigma: float, seed: int = 0) -> np.ndarray:
+    """Stand-in queries: ``n`` random corpus rows, each plus Gaussian noise, renormalised.
+
+    ``(N, d) -> (n', d)`` float32 with ``n' = min(n, N)``: ``q = normalize(x / |x| + sigma * g /
+    sqrt(d))`` with ``g ~ N(0, I_d)``, so the noise has expected norm ``sigma`` against a unit
+    row (``sigma = 0.5``: cosine ~0.89 to the row). Deterministic for a given ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    n_rows, d = int(corpus.shape[0]), int(corpus.shape[1])
+    rows = np.sort(rng.choice(n_rows, size=min(n, n_rows), replace=False))
+    x = np.asarray(corpus[rows], dtype=np.float32)  # (n', d)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    q = x + (sigma / math.sqrt(d)) * rng.standard_normal(x.shape).astype(np.float32)
+    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    return q
 
 
 class SearchEngine:
@@ -20,8 +50,11 @@ class SearchEngine:
         corpus: ``(N, d)`` float corpus embeddings (array or memory map), in the served space.
         index: an optional prebuilt shortlist index over the corpus (its size ``m`` is reused for
             funnels with ``shortlist_size == m``).
-        model_name: recorded in indexes built here.
-        tune_queries: corpus rows used as held-out queries when tuning for a target recall.
+        model_name: recorded in indexes built here (the served model id).
+        tune_queries: without ``held_out``: how many stand-in queries (:func:`perturbed_rows`)
+            a funnel is tuned on for a target recall.
+        tune_noise: ``sigma`` of the stand-in queries.
+        held_out: ``(Q, d)`` held-out query embeddings (not corpus rows) to tune on instead.
 
     Funnel retrievers and prefix indexes are built on first use and cached.
     """
@@ -32,6 +65,8 @@ class SearchEngine:
         index: Any = None,
         model_name: str = "unknown",
         tune_queries: int = 200,
+        tune_noise: float = 0.5,
+        held_out: np.ndarray | None = None,
     ) -> None:
         from matryoshka.retrieval.funnel import open_corpus
 
@@ -39,6 +74,13 @@ class SearchEngine:
         self.n, self.dim = (int(s) for s in self.corpus.shape)
         self.model_name = model_name
         self.tune_queries = tune_queries
+        self.tune_noise = float(tune_noise)
+        self.held_out = None if held_out is None else _check_queries(held_out, self.dim)
+        self.recall_measured_on = (
+            HELD_OUT
+            if self.held_out is not None
+            else f"perturbed corpus rows (sigma={tune_noise:g})"
+        )
         self._lock = threading.Lock()
         self._indexes: dict[int, Any] = {}
         if index is not None:
@@ -141,7 +183,9 @@ class SearchEngine:
     def tuned(
         self, q: np.ndarray, k: int, target: float
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Search with the fastest funnel measured to reach ``target`` recall@k on this corpus."""
+        """Search with the fastest funnel measured to reach ``target`` recall@k on this corpus,
+        on held-out queries or noisy stand-ins (never the corpus rows themselves): ``(d,) ->
+        scores (k,), ids (k,)``, sizes used with ``measured_recall`` and ``recall_measured_on``."""
         # Targets are rounded up to a 0.01 grid: at most 100 tunings per k, each target still met.
         key = (min(1.0, math.ceil(round(float(target) * 100, 6)) / 100), k)
         with self._lock:
@@ -158,17 +202,20 @@ class SearchEngine:
             "shortlist_k": int(fr.shortlist_k),
             "rerank_sizes": [int(m) for m in fr.chain_],
             "measured_recall": recall,
+            "recall_measured_on": self.recall_measured_on,
         }
         return scores[0], ids[0], sizes
 
-    def _tune(self, target: float, k: int) -> tuple[Any, float]:
-        import warnings
+    def tuning_queries(self) -> np.ndarray:
+        """The ``(Q, d)`` queries funnels are tuned on: the held-out ones, else noisy rows."""
+        if self.held_out is not None:
+            return self.held_out
+        return perturbed_rows(self.corpus, self.tune_queries, self.tune_noise)
 
+    def _tune(self, target: float, k: int) -> tuple[Any, float]:
         from matryoshka.retrieval.funnel import FunnelTuner
 
-        rng = np.random.default_rng(0)
-        rows = np.sort(rng.choice(self.n, size=min(self.tune_queries, self.n), replace=False))
-        queries = np.asarray(self.corpus[rows], dtype=np.float32)  # (Q, d)
+        queries = self.tuning_queries()  # (Q, d)
         sizes = [m for m in (8, 16, 32, 64, 128) if m < self.dim] or [self.dim]
         ks = [c for c in (20, 50, 100, 200, 400, 800) if k <= c <= self.n] or [self.n]
         tuner = FunnelTuner(target, k, sizes, ks, repeats=1)
@@ -187,18 +234,28 @@ def load_search(
     corpus_path: str | None = None,
     index_path: str | None = None,
     tune_queries: int = 200,
+    tune_queries_path: str | None = None,
+    tune_noise: float = 0.5,
+    model_ids: Collection[str] | None = None,
+    allow_model_mismatch: bool = False,
 ) -> SearchEngine | None:
     """The search engine over the served corpus, or ``None`` when there is no corpus.
 
     ``corpus`` (``(N, dim)``) and ``index`` may be passed loaded; otherwise they are read from
     ``corpus_path`` / ``index_path``. A full-size exact index stands in for a missing corpus. A
-    corpus of the wrong width, an index of another size, or a prefix index without a corpus is a
-    ``ValueError`` that says what to pass instead.
+    corpus of the wrong width, an index of another size, a prefix index without a corpus, or an
+    index built for a model outside ``model_ids`` (default: ``{model_name}``; see
+    :func:`check_index_model`, ``allow_model_mismatch`` downgrades it to a warning) is a
+    ``ValueError`` that says what to pass instead. ``tune_queries_path``: a ``(Q, dim)`` ``.npy``
+    of held-out queries for target-recall tuning.
     """
     if index is None and index_path is not None:
         from matryoshka.retrieval.index import load_index
 
         index = load_index(index_path)
+    if index is not None:
+        ids = set(model_ids) if model_ids is not None else {model_name}
+        check_index_model(index, model_name, ids, index_path, allow_model_mismatch)
     if corpus is None and corpus_path is not None:
         from matryoshka.retrieval.funnel import open_corpus
 
@@ -222,4 +279,70 @@ def load_search(
             f"index has {index.ntotal} vectors but the corpus has {corpus.shape[0]}: build "
             "the index from this corpus."
         )
-    return SearchEngine(corpus, index, model_name=model_name, tune_queries=tune_queries)
+    held_out = None
+    if tune_queries_path is not None:
+        path = Path(tune_queries_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"tune_queries_file={tune_queries_path!r} does not exist: pass a (Q, {dim}) .npy "
+                f"of held-out query embeddings from {model_name!r}."
+            )
+        held_out = np.load(path, allow_pickle=False)
+    return SearchEngine(
+        corpus,
+        index,
+        model_name=model_name,
+        tune_queries=tune_queries,
+        tune_noise=tune_noise,
+        held_out=held_out,
+    )
+
+
+def _check_queries(q: np.ndarray, dim: int) -> np.ndarray:
+    """Held-out queries as ``(Q, dim)`` finite float32 rows, none all zero (else ``ValueError``)."""
+    arr = np.asarray(q)
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] != dim:
+        raise ValueError(
+            f"tune_queries_file holds an array of shape {arr.shape}: pass (Q, {dim}) held-out "
+            f"query embeddings (Q >= 1) in the served space."
+        )
+    if not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"tune_queries_file has dtype {arr.dtype}: pass float embeddings.")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all() or not np.any(arr, axis=1).all():
+        raise ValueError(
+            "tune_queries_file has NaN, inf or all-zero rows: pass finite query embeddings."
+        )
+    return arr
+
+
+def check_index_model(
+    index: Any,
+    model_name: str,
+    accepted: Collection[str],
+    where: str | None = None,
+    allow_mismatch: bool = False,
+) -> None:
+    """Refuse an index whose header names a model outside ``accepted`` (or ``"unknown"``).
+
+    The message names both models and the fixes; with ``allow_mismatch`` it is a warning.
+    """
+    built = str(getattr(index, "model_name", "unknown"))
+    if built in accepted:
+        return
+    at = f"index={where!r}" if where is not None else "the index"
+    if built == "unknown":
+        problem = (
+            f"{at} does not record its model (model_name 'unknown'), so it cannot be checked "
+            f"against the served model {model_name!r}"
+        )
+    else:
+        problem = f"{at} was built from model {built!r} but this server serves {model_name!r}"
+    fix = (
+        f"rebuild it from this server's vectors (mrl index build --model-name {model_name!r}), "
+        "or pass --allow-model-mismatch (allow_model_mismatch=True) to serve it anyway"
+    )
+    if allow_mismatch:
+        warnings.warn(f"{problem}; serving it anyway (allow_model_mismatch).", stacklevel=2)
+        return
+    raise ValueError(f"{problem}: {fix}.")

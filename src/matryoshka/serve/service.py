@@ -12,9 +12,12 @@ it); every setup mistake raises ``ValueError`` when the service is built.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -22,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from matryoshka.ops import truncate_numpy
 from matryoshka.serve.batching import DynamicBatcher
 from matryoshka.serve.config import ServeConfig
-from matryoshka.serve.encoder import ServedEncoder, load_encoder, served_model_ids
+from matryoshka.serve.encoder import EncodeInput, ServedEncoder, load_encoder, served_model_ids
 from matryoshka.serve.errors import ServeError
 from matryoshka.serve.inputs import TextLimits
 from matryoshka.serve.metrics import Metrics
@@ -37,6 +40,7 @@ from matryoshka.serve.search import SearchEngine, load_search
 __all__ = ["EmbeddingService"]
 
 SearchResult = tuple[np.ndarray, np.ndarray, dict[str, Any]]
+T = TypeVar("T")
 
 
 class EmbeddingService:
@@ -51,6 +55,10 @@ class EmbeddingService:
 
     Call :meth:`start` on the running event loop before the first request and :meth:`stop`
     after the last (the HTTP app does both in its lifespan).
+
+    Request inputs are tokenised and checked in a worker thread (one, so the counting tokenizer
+    is never used by two threads at once) and encoded in the batcher's thread: the event loop
+    only parses and routes, so ``/health`` answers while a large request is being worked on.
     """
 
     def __init__(
@@ -65,7 +73,8 @@ class EmbeddingService:
         self.encoder = encoder
         self.dim = encoder.dim
         self.limits = TextLimits.from_config(config, encoder.max_tokens)
-        self.model_name, self.accepted = served_model_ids(config)
+        self.ids = served_model_ids(config, encoder.adaptor)
+        self.model_name, self.accepted = self.ids.served, self.ids.accepted
         self.engine: SearchEngine | None = load_search(
             self.dim,
             self.model_name,
@@ -74,7 +83,12 @@ class EmbeddingService:
             corpus_path=config.corpus,
             index_path=config.index,
             tune_queries=config.tune_queries,
+            tune_queries_path=config.tune_queries_file,
+            tune_noise=config.tune_noise,
+            model_ids=self.accepted,
+            allow_model_mismatch=config.allow_model_mismatch,
         )
+        self._validator: ThreadPoolExecutor | None = None
         self.metrics = Metrics()
         self.batcher = DynamicBatcher(
             encoder, config.max_batch_size, config.max_wait_ms, config.batching, self.metrics
@@ -101,11 +115,34 @@ class EmbeddingService:
         await self.batcher.start()
 
     async def stop(self) -> None:
-        """Stop the batcher (pending requests get an error)."""
+        """Stop the batcher (pending requests get an error) and the validation thread."""
         await self.batcher.stop()
+        if self._validator is not None:
+            self._validator.shutdown(wait=False, cancel_futures=True)
+            self._validator = None
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the service's validation thread, awaited without blocking the loop."""
+        if self._validator is None:
+            self._validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrl-validate")
+        return await asyncio.get_running_loop().run_in_executor(self._validator, fn, *args)
 
     def check_model(self, model: str | None) -> None:
-        """``model`` must be omitted or one of the accepted ids (404 otherwise)."""
+        """``model`` must be omitted or one of the accepted ids (404 otherwise).
+
+        With an adaptor the base model's ids are refused too (404 ``model_not_found``, with a
+        message saying why): the server's vectors are the adapted ones, not the base model's.
+        """
+        if model is not None and model in self.ids.base and model not in self.accepted:
+            raise ServeError(
+                f"The model {model!r} is not served as such: this server serves it through the "
+                f"adaptor {self.config.adaptor or '(in memory)'} as {self.model_name!r}, whose "
+                f"vectors differ from {model!r}'s; send model={self.model_name!r} or omit "
+                "'model' (start a server without --adaptor for the base model's vectors).",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
         if model is not None and model not in self.accepted:
             raise ServeError(
                 f"The model {model!r} does not exist on this server: use {self.model_name!r} "
@@ -127,11 +164,10 @@ class EmbeddingService:
                 param="dimensions",
                 code="invalid_dimensions",
             )
-        texts = [request.input] if isinstance(request.input, str) else request.input
-        texts, counts = self.limits.check(texts, "input", self.encoder)
-        z = truncate_numpy(await self.batcher.embed(texts), m, normalize=True)  # (n, m)
+        inputs, counts = await self.off_loop(self._check_inputs, request.input)
+        z = truncate_numpy(await self.batcher.embed(inputs), m, normalize=True)  # (n, m)
         tokens = int(sum(counts))
-        self.metrics.observe_embedding(m, len(texts), tokens)
+        self.metrics.observe_embedding(m, len(inputs), tokens)
         data: list[dict[str, Any]] = []
         for i, row in enumerate(z):
             vec: list[float] | str
@@ -148,6 +184,24 @@ class EmbeddingService:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
+
+    def _check_inputs(
+        self, given: str | list[str] | list[int] | list[list[int]]
+    ) -> tuple[list[EncodeInput], list[int]]:
+        """The request's ``input`` as ``n`` texts or token-id lists to encode, with their token
+        counts; a :class:`ServeError` naming ``input`` / ``input[i]`` if a limit is broken."""
+        if isinstance(given, str):
+            texts, counts = self.limits.check([given], "input", self.encoder)
+            return list(texts), counts
+        if given and isinstance(given[0], int):  # one text's token ids
+            one, counts = self.limits.check_ids([list(given)], "input", self.encoder.vocab_size)
+            return list(one), counts
+        if given and isinstance(given[0], list):  # a batch of token-id lists
+            batch = [list(ids) for ids in given if isinstance(ids, list)]
+            ids_, counts = self.limits.check_ids(batch, "input", self.encoder.vocab_size)
+            return list(ids_), counts
+        texts, counts = self.limits.check([str(t) for t in given], "input", self.encoder)
+        return list(texts), counts
 
     async def search(self, request: SearchRequest) -> SearchResponse:
         """``POST /v1/search``: exact, explicit-funnel or target-recall top-k search."""
@@ -202,8 +256,8 @@ class EmbeddingService:
     async def _query_vector(self, query: str | list[float]) -> tuple[np.ndarray, int]:
         """The ``(d,)`` query embedding and the tokens spent on it (0 for a given vector)."""
         if isinstance(query, str):
-            texts, counts = self.limits.check([query], "query", self.encoder)
-            return (await self.batcher.embed(texts))[0], counts[0]
+            texts, counts = await self.off_loop(self.limits.check, [query], "query", self.encoder)
+            return (await self.batcher.embed(list(texts)))[0], counts[0]
         with np.errstate(over="ignore"):  # huge numbers become inf, rejected just below
             q = np.asarray(query, dtype=np.float32)
         if q.shape != (self.dim,) or not np.isfinite(q).all() or not np.any(q):
@@ -263,6 +317,8 @@ class EmbeddingService:
             "matryoshka": {
                 "nested": nested,
                 "adaptor": self.config.adaptor if nested else None,
+                "adaptor_sha256": self.ids.adaptor_sha256,
+                "base_model": self.ids.base_id,
                 "trained_sizes": sizes,
                 "note": note,
             },

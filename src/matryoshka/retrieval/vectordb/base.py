@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -78,8 +79,14 @@ class DatabaseFunnel(ABC):
         normalize: bool | None,
         hnsw_m: int,
         ef_construction: int,
+        allow_model_mismatch: bool = False,
     ) -> bool:
-        """Check or create the header; returns True if the store must be created."""
+        """Check or create the header; returns True if the store must be created.
+
+        An existing store whose header names another model than ``model_name`` (or
+        ``"unknown"``, which cannot be checked) is refused with a ``ValueError`` naming both,
+        unless ``allow_model_mismatch`` (then a ``UserWarning``).
+        """
         if stored is None:
             if dim is None or shortlist_size is None:
                 raise ValueError(
@@ -115,11 +122,21 @@ class DatabaseFunnel(ABC):
         self.header_ = stored
         h = stored
         if model_name is not None and model_name != h["model_name"]:
-            raise ValueError(
-                f"model_name={model_name!r} but {where} holds embeddings of model "
-                f"{h['model_name']!r}: embed with {h['model_name']!r}, or use another name for "
-                f"{model_name!r}."
-            )
+            if h["model_name"] == "unknown":
+                message = (
+                    f"model_name={model_name!r} but {where} does not record its model "
+                    f"(model_name 'unknown'): re-create it with model_name={model_name!r}, or "
+                    "pass allow_model_mismatch=True."
+                )
+            else:
+                message = (
+                    f"model_name={model_name!r} but {where} holds embeddings of model "
+                    f"{h['model_name']!r}: embed with {h['model_name']!r}, or use another name "
+                    f"for {model_name!r} (allow_model_mismatch=True to go on)."
+                )
+            if not allow_model_mismatch:
+                raise ValueError(message)
+            warnings.warn(f"{message} Opening it anyway (allow_model_mismatch).", stacklevel=3)
         if dim is not None and dim != h["dim"]:
             raise ValueError(
                 f"dim={dim} but {where} holds vectors of size d={h['dim']}: pass dim={h['dim']} "
