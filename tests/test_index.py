@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -318,3 +319,33 @@ def test_cli_search_checks_model_and_dimension(
     err = capsys.readouterr().err
     assert "dimension 24" in err
     assert f"{X.shape[1]}-d" in err
+
+
+def test_index_build_takes_the_model_from_the_embeddings_sidecar(tmp_path: Path) -> None:
+    x = clustered(300, 16, seed=5)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "x.json").write_text(json.dumps({"model": "mini-lm", "adaptor": None}))
+    idx = tmp_path / "x.index"
+    assert (
+        run_cli(["index", "build", str(tmp_path / "x.npy"), "--out", str(idx), "--no-progress"])
+        == 0
+    )
+    assert load_index(idx).model_name == "mini-lm"
+    np.save(tmp_path / "q.npy", x[:4])
+    (tmp_path / "q.json").write_text(json.dumps({"model": "mini-lm", "adaptor": None}))
+    hits = tmp_path / "hits.npz"
+    assert (
+        run_cli(
+            [
+                "search",
+                "--index",
+                str(idx),
+                "--queries",
+                str(tmp_path / "q.npy"),
+                "--out",
+                str(hits),
+            ]
+        )
+        == 0
+    )
+    assert (np.load(hits)["ids"][:, 0] == np.arange(4)).all()

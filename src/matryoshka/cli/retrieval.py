@@ -77,7 +77,7 @@ def _db_build(args: argparse.Namespace) -> int:
             args,
             dim=x.shape[1],
             shortlist_size=args.dim if args.dim is not None else x.shape[1],
-            model_name=args.model_name,
+            model_name=_build_model_name(args),
             normalize=args.normalize,
             hnsw_m=args.hnsw_m,
             ef_construction=args.ef_construction,
@@ -127,7 +127,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         elif args.backend == "faiss-ivf":
             params = {"nlist": args.nlist, "nprobe": args.nprobe}
         index = make_index(
-            args.backend, dim, model_name=args.model_name, normalize=args.normalize, **params
+            args.backend,
+            dim,
+            model_name=_build_model_name(args),
+            normalize=args.normalize,
+            **params,
         )
         add_in_chunks(index, x, step=args.batch_size, progress=args.progress, desc="index build")
         out = index.save(args.out or Path(args.embeddings).with_suffix(f".m{dim}.index"))
@@ -150,15 +154,12 @@ def _read_vectors(lines: Iterable[str]) -> Iterable[np.ndarray]:
             yield np.array([float(v) for v in line.split()], dtype=np.float32)
 
 
-def _queries_model(args: argparse.Namespace) -> str | None:
-    """The model the queries come from: ``--model-name``, else the ``model`` of the queries'
-    ``.json`` sidecar (written by ``mrl embed``; not used when it names an adaptor, whose
-    vectors are not the model's), else ``None`` (unknown)."""
-    if args.model_name:
-        return str(args.model_name)
-    if not args.queries:
+def _sidecar_model(npy: str | None) -> str | None:
+    """The ``model`` of an embeddings file's ``.json`` sidecar (written by ``mrl embed``; not
+    used when it names an adaptor, whose vectors are not the model's), else ``None``."""
+    if not npy:
         return None
-    sidecar = Path(args.queries).with_suffix(".json")
+    sidecar = Path(npy).with_suffix(".json")
     try:
         meta = json.loads(sidecar.read_text())
     except (OSError, ValueError):
@@ -166,6 +167,17 @@ def _queries_model(args: argparse.Namespace) -> str | None:
     if not isinstance(meta, dict) or meta.get("adaptor") or not meta.get("model"):
         return None
     return str(meta["model"])
+
+
+def _queries_model(args: argparse.Namespace) -> str | None:
+    """The model the queries come from: ``--model-name``, else their sidecar's, else ``None``."""
+    return str(args.model_name) if args.model_name else _sidecar_model(args.queries)
+
+
+def _build_model_name(args: argparse.Namespace) -> str:
+    """The model recorded in a new index: ``--model-name``, else the embeddings' sidecar's,
+    else ``"unknown"`` (which ``mrl search`` refuses unless ``--allow-model-mismatch``)."""
+    return args.model_name or _sidecar_model(args.embeddings) or "unknown"
 
 
 def _check_index_model(args: argparse.Namespace, index: Any) -> None:
@@ -285,7 +297,11 @@ def _add_index(p_index: argparse.ArgumentParser) -> None:
     p.add_argument("embeddings", help="(N, d) float .npy (read memory-mapped)")
     p.add_argument("--dim", type=int, default=None, help="prefix size m to index (default: d)")
     p.add_argument("--backend", choices=BACKENDS + DB_BACKENDS, default="exact")
-    p.add_argument("--model-name", default="unknown", help="embedding model, saved in the header")
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="embedding model, saved in the header (default: the embeddings' mrl embed sidecar)",
+    )
     p.add_argument("--out", default=None, help="index file (default: EMBEDDINGS.m<dim>.index)")
     p.add_argument(
         "--normalize", action=argparse.BooleanOptionalAction, default=True, help="cosine"

@@ -66,6 +66,7 @@ class MilvusFunnel(DatabaseFunnel):
         dim, shortlist_size, model_name, normalize, shortlist_k, rerank, keep, ef_search,
             batch_size, progress: see :class:`matryoshka.retrieval.vectordb.DatabaseFunnel`.
         hnsw_m, ef_construction: HNSW build parameters (``M``, ``efConstruction``), new collections.
+        allow_model_mismatch: open a store recorded for another model (a warning, not an error).
         token: ``"user:password"`` or an API key for a secured server; ``db_name``: its database.
         timeout: seconds for connecting and for each request.
     """
@@ -90,6 +91,7 @@ class MilvusFunnel(DatabaseFunnel):
         ef_construction: int = EF_CONSTRUCTION,
         batch_size: int = 4096,
         progress: bool = True,
+        allow_model_mismatch: bool = False,
         token: str = "",
         db_name: str = "",
         timeout: float = 30,
@@ -128,6 +130,7 @@ class MilvusFunnel(DatabaseFunnel):
             normalize=normalize,
             hnsw_m=hnsw_m,
             ef_construction=ef_construction,
+            allow_model_mismatch=allow_model_mismatch,
         )
         if create:
             self._create()

@@ -60,6 +60,7 @@ class PgvectorFunnel(DatabaseFunnel):
         dim, shortlist_size, model_name, normalize, shortlist_k, rerank, keep, ef_search,
             batch_size, progress: see :class:`matryoshka.retrieval.vectordb.DatabaseFunnel`.
         hnsw_m, ef_construction: HNSW build parameters (``m``, ``ef_construction``), new tables.
+        allow_model_mismatch: open a store recorded for another model (a warning, not an error).
         connect_timeout: seconds to wait for the server.
 
     The HNSW index is built after the first ingestion (bulk build, much faster than inserting
@@ -86,6 +87,7 @@ class PgvectorFunnel(DatabaseFunnel):
         ef_construction: int = EF_CONSTRUCTION,
         batch_size: int = 4096,
         progress: bool = True,
+        allow_model_mismatch: bool = False,
         connect_timeout: float = 10,
     ) -> None:
         psycopg, self._sql, register_vector = _import()
@@ -140,6 +142,7 @@ class PgvectorFunnel(DatabaseFunnel):
             normalize=normalize,
             hnsw_m=hnsw_m,
             ef_construction=ef_construction,
+            allow_model_mismatch=allow_model_mismatch,
         )
         if create:
             self._create()
