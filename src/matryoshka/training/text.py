@@ -154,10 +154,6 @@ class TextTrainConfig(WordnetTextOptions):
             "out_dir/checkpoints"
         },
     )
-    amp: bool = field(
-        default=True,
-        metadata={"help": "bfloat16 mixed precision on a CUDA GPU that supports it (never on CPU)"},
-    )
     out_dir: str = field(
         default="runs/text_mrl", metadata={"help": "run folder: model/ and text_model.json"}
     )
@@ -257,11 +253,11 @@ def _cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _use_bf16(amp: bool) -> bool:
-    """bf16 only where it is real: a CUDA device that supports it."""
+def _use_bf16() -> bool:
+    """bf16 mixed precision where it is real: a CUDA device that supports it; never on CPU."""
     import torch
 
-    return bool(amp and _cuda() and torch.cuda.is_bf16_supported())
+    return bool(_cuda() and torch.cuda.is_bf16_supported())
 
 
 def _training_arguments(
@@ -276,11 +272,11 @@ def _training_arguments(
     checkpoint_every: int = 0,
     keep_checkpoints: int = 2,
     evaluate: bool = False,
-    amp: bool = True,
 ) -> Any:
     """``SentenceTransformerTrainingArguments`` for one run; checkpoints (``save``) every
     ``checkpoint_every`` steps, or at each epoch's end when it is 0, and the evaluator (``evaluate``)
-    at the same times. Batches hold no duplicate texts (a duplicate would be a false negative)."""
+    at the same times. Batches hold no duplicate texts (a duplicate would be a false negative);
+    bf16 on a CUDA device that supports it."""
     from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
 
@@ -302,7 +298,7 @@ def _training_arguments(
         logging_steps=max(1, checkpoint_every or 50),
         report_to="none",
         disable_tqdm=not progress,
-        bf16=_use_bf16(amp),
+        bf16=_use_bf16(),
         dataloader_pin_memory=_cuda(),
     )
 
@@ -715,7 +711,6 @@ def train_text(config: TextTrainConfig) -> Path:
         checkpoint_every=config.checkpoint_every,
         keep_checkpoints=config.keep_checkpoints,
         evaluate=evaluator is not None,
-        amp=config.amp,
     )
     trainer = _run_trainer(model, dataset, loss, args, evaluator, resume_from)
     if not trainer.is_world_process_zero():
