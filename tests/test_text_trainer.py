@@ -63,6 +63,9 @@ def test_own_pairs_train_in_the_trainer_and_save_a_plain_model(tmp_path: Path, t
         assert 0.0 <= meta["eval"][f"dim_{m}_cosine_ndcg@10"] <= 1.0
     assert not (out / CHECKPOINTS).exists()  # finished: only model/ is kept
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
 
     card = (out / "model" / "README.md").read_text()
     assert "FusedMatryoshkaLoss" in card

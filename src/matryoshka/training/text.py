@@ -613,6 +613,9 @@ def _save_run(
     _card(model, base, meta["sizes"], loss)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".model.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make model/ private to this user
     try:
         model.save(str(tmp))
         _replace_folder(tmp, out / "model")
