@@ -7,6 +7,9 @@
     mrl adaptor fit --embeddings X.npy --sizes 16 32 64 128 384 --out adaptor
     mrl adaptor fit --embeddings X.npy --queries Q.npy --documents D.npy --reg 0.5 \
         --sizes 16 32 64 128 384 --out adaptor                 # supervised on matching pairs
+    mrl adaptor fit --beir data/scifact --sizes 16 64 384 --out adaptor     # a BEIR corpus
+    mrl adaptor fit --pairs pairs.jsonl --columns query doc --supervised --reg 0.5 \
+        --sizes 16 64 384 --out adaptor          # the pairs of `mrl train` (data:, columns:)
     mrl text-eval --config configs/text_wordnet.yaml --train-pairs 500
 
 Sharded embedding of a large corpus (each process or machine writes its own shard; no process
@@ -82,11 +85,29 @@ def _check_source(args: argparse.Namespace) -> None:
         raise UsageError(f"--limit {args.limit} must be a positive int.")
 
 
+def _pair_texts(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """``--pairs``: (every text of the pairs, the anchors, the positives), read as `mrl train`
+    reads ``data:`` (:func:`~matryoshka.data.pairs.load_pairs`, ``--columns``)."""
+    from matryoshka.data.pairs import load_pairs
+
+    ds = load_pairs(args.pairs, args.columns, what="--pairs")
+    columns = [list(ds[c]) for c in ds.column_names]
+    return [t for col in columns for t in col], columns[0], columns[1]
+
+
 def _source_texts(args: argparse.Namespace) -> tuple[list[str], str]:
     """The texts to embed and a label of where they came from."""
     if args.input is not None:
         texts = _read_lines(args.input)
         label = f"file:{args.input}"
+    elif getattr(args, "pairs", None) is not None:
+        texts = _pair_texts(args)[0]
+        label = f"pairs:{args.pairs}:columns={args.columns}"
+    elif getattr(args, "beir", None) is not None:
+        from matryoshka.data.beir import load_beir
+
+        texts = list(load_beir(args.beir, args.split).corpus)
+        label = f"beir:{args.beir}:corpus"
     else:
         texts = wordnet_texts(args.wordnet, args.wordnet_root, args.fraction, args.seed)
         label = f"wordnet:{args.wordnet}:fraction={args.fraction}:seed={args.seed}"
@@ -231,8 +252,27 @@ def _load_embeddings(path: str, flag: str = "--embeddings") -> np.ndarray:
     return np.asarray(arr, dtype=np.float32)
 
 
-def _load_pairs(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray] | None:
-    """``--queries`` and ``--documents`` (row i of each a matching pair), or None."""
+def _load_pairs(
+    args: argparse.Namespace, encoder: Any = None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``--queries`` and ``--documents`` (row i of each a matching pair), the encoded anchors and
+    positives of ``--pairs`` with ``--supervised``, or None."""
+    if getattr(args, "supervised", False):
+        if args.pairs is None or encoder is None:
+            raise UsageError(
+                "--supervised fits on the (anchor, positive) pairs of --pairs: pass --pairs FILE "
+                "(or --queries Q.npy --documents D.npy without --supervised)."
+            )
+        if args.queries is not None or args.documents is not None:
+            raise UsageError(
+                "--supervised takes its pairs from --pairs: drop --queries and --documents."
+            )
+        _, anchors, positives = _pair_texts(args)
+        label = f"pairs:{args.pairs}:columns={args.columns}"
+        return (
+            _encode(args, anchors, f"{label}:anchors", encoder),
+            _encode(args, positives, f"{label}:positives", encoder),
+        )
     if (args.queries is None) != (args.documents is None):
         raise UsageError(
             "--queries and --documents go together: pass both (.npy files of matching rows) "
@@ -257,6 +297,7 @@ def cmd_adaptor_fit(args: argparse.Namespace) -> int:
             nesting = Nesting(args.sizes)
         except ValueError as e:
             raise UsageError(f"--sizes: {e}") from None
+        encoder: Any = None
         if args.embeddings is not None:
             x = _load_embeddings(args.embeddings)
             source = str(args.embeddings)
@@ -282,7 +323,7 @@ def cmd_adaptor_fit(args: argparse.Namespace) -> int:
                 f"{source} gives {n} embeddings of {d} dimensions: fit the adaptor on at least "
                 f"{d} (its starting rotation is a PCA of them); use more texts."
             )
-        pairs = _load_pairs(args)
+        pairs = _load_pairs(args, encoder)
         adaptor = MatryoshkaAdaptor(
             nesting,
             hidden=args.hidden,
@@ -337,6 +378,29 @@ def _add_source_arguments(p: argparse.ArgumentParser, other: str) -> None:
         src.add_argument("--input", default=None, help="text file, one text per line")
     else:
         src.add_argument("--embeddings", default=None, help="(N, d) float .npy, full size")
+        src.add_argument(
+            "--pairs",
+            default=None,
+            help="every text of a pairs file, as mrl train's data: (.jsonl/.csv/.parquet or a "
+            "save_to_disk folder)",
+        )
+        src.add_argument(
+            "--beir", default=None, metavar="FOLDER", help="the corpus of a BEIR folder"
+        )
+        p.add_argument(
+            "--columns",
+            nargs="+",
+            default=None,
+            help="with --pairs: the columns (anchor, positive[, negative...]), as mrl train's",
+        )
+        p.add_argument(
+            "--split", default="test", help="with --beir: the qrels split the folder must have"
+        )
+        p.add_argument(
+            "--supervised",
+            action="store_true",
+            help="with --pairs: also fit on its (anchor, positive) pairs (see --reg)",
+        )
         p.set_defaults(input=None)
     src.add_argument(
         "--wordnet",

@@ -3,6 +3,7 @@
     mrl train --config configs/mnist_mrl.yaml --epochs 3         # flags override the recipe
     mrl train --config configs/text_wordnet_mrl.yaml --train-pairs 2000   # a `task: text` recipe
     mrl eval --run runs/mnist_mrl --out eval.json
+    mrl eval --run runs/text_own --beir data/scifact --split test --out beir.json   # text runs
     mrl demo --out runs/demo
     mrl report --results runs/demo/metrics.json
 
@@ -80,8 +81,11 @@ def train_config(args: argparse.Namespace) -> Any:
         raise SystemExit(f"mrl: bad config: {e}") from None
 
 
-def _print_text_tables(results: dict[str, Any]) -> None:
-    for metric in ("ndcg@10", "recall@10"):
+def _print_text_tables(
+    results: dict[str, Any], metrics: Sequence[str] = ("ndcg@10", "recall@10")
+) -> None:
+    """One table per metric of ``metrics``: rows are sizes, columns methods, values in %."""
+    for metric in metrics:
         table = results["metrics"][metric]
         widths = [max(18, len(name) + 2) for name in table]
         print(f"{metric:>6} " + "".join(f"{n:>{w}}" for n, w in zip(table, widths, strict=True)))
@@ -98,9 +102,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         try:
             folder = train_text(config)
-        except ValueError as e:  # e.g. sizes that do not end at the model's dimension
+        except (FileNotFoundError, ValueError) as e:  # e.g. sizes, data, columns, resume
             raise SystemExit(f"mrl: bad config: {e}") from None
-        print(f"saved {folder / 'model'}; evaluate it with: mrl eval --run {folder}")
+        beir = " --beir FOLDER" if config.data is not None else ""
+        print(f"saved {folder / 'model'}; evaluate it with: mrl eval --run {folder}{beir}")
         return 0
     from matryoshka.training.image import train
 
@@ -110,21 +115,54 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_text(args: argparse.Namespace) -> int:
+    """``mrl eval`` of a text run: on a BEIR folder (``--beir``) or its held-out synsets."""
+    from matryoshka.evaluation.text import evaluate_text_model
+    from matryoshka.io import atomic_write_bytes
+
+    try:
+        if args.beir is not None:
+            from matryoshka.evaluation.beir import BEIR_METRICS, evaluate_beir
+
+            results = evaluate_beir(
+                args.run,
+                args.beir,
+                split=args.split,
+                cache_dir=args.cache_dir,
+                adaptor_epochs=args.adaptor_epochs,
+                progress=args.progress,
+            )
+            print(results["task"])
+            _print_text_tables(results, BEIR_METRICS)
+        else:
+            results = evaluate_text_model(
+                args.run, cache_dir=args.cache_dir, progress=args.progress
+            )
+            _print_text_tables(results)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"mrl eval: error: {e}") from None
+    if args.out:
+        atomic_write_bytes(args.out, json.dumps(results, indent=1).encode())
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``mrl eval``: top-1 per size of a saved model on its data set's test split, or per-size
-    retrieval of a text run (a folder with ``text_model.json``) on its held-out synsets."""
-    from matryoshka.evaluation.text import evaluate_text_model, is_text_run
+    retrieval of a text run (a folder with ``text_model.json``) on its held-out synsets or, with
+    ``--beir FOLDER``, on a BEIR folder's ``--split``."""
+    from matryoshka.evaluation.text import is_text_run
 
     if args.run is None:
         raise SystemExit(
             "mrl eval: error: pass --run RUN (the model.json of mrl train, or a text run folder)."
         )
     if is_text_run(args.run):
-        results = evaluate_text_model(args.run)
-        _print_text_tables(results)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1))
-        return 0
+        return _eval_text(args)
+    if args.beir is not None:
+        raise SystemExit(
+            f"mrl eval: error: --beir {args.beir!r} scores text runs, but --run {args.run!r} is "
+            "not one (no text_model.json): pass the folder of a `task: text` run."
+        )
     from matryoshka.data.images import load_dataset
     from matryoshka.training.config import TrainConfig
     from matryoshka.training.image import load_model, predict_logits
@@ -189,6 +227,27 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", help="a run of mrl train: its model.json, or a text run's folder")
     p.add_argument("--out", help="also write the table to this JSON file")
+    text = p.add_argument_group("text runs only")
+    text.add_argument(
+        "--beir",
+        default=None,
+        metavar="FOLDER",
+        help="score on a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv): base "
+        "truncated, + PCA, + adaptor (fitted on the corpus) and the fine-tuned model, per size",
+    )
+    text.add_argument("--split", default="test", help="with --beir: the qrels split to score")
+    text.add_argument(
+        "--adaptor-epochs", type=int, default=6, help="with --beir: epochs of the adaptor fit"
+    )
+    text.add_argument(
+        "--cache-dir", default=None, help="embedding cache folder (default: the run's cache_dir)"
+    )
+    text.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress bars (--no-progress: none)",
+    )
     add_deprecated_alias(p, "--model", "--run", dest="run")
     add_deprecated_alias(p, "--json", "--out", dest="out")
     p.set_defaults(func=cmd_eval)

@@ -69,9 +69,11 @@ from matryoshka.training.text_options import (
 __all__ = [
     "TextEvalConfig",
     "evaluate_text_model",
+    "fit_pca",
     "format_tables",
     "is_text_run",
     "linear_probe",
+    "read_text_run",
     "retrieval_metrics",
     "run_wordnet_evaluation",
 ]
@@ -177,8 +179,9 @@ def is_text_run(path: str | Path) -> bool:
     return (p / TEXT_MODEL_FILE).is_file() or (p.name == TEXT_MODEL_FILE and p.is_file())
 
 
-def _read_text_run(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """``(run folder, its text_model.json)``; errors name ``path`` and what to pass instead."""
+def read_text_run(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(run folder, its text_model.json)`` of a run of ``mrl train`` (``task: text``); errors
+    name ``path`` and what to pass instead."""
     p = Path(path)
     folder = p.parent if p.name == TEXT_MODEL_FILE else p
     if not is_text_run(folder):
@@ -205,8 +208,14 @@ def evaluate_text_model(
     per early exit (``"fine-tuned, exit after layer l of L"``) and the base model's mean pool at
     the same layer (``"base, exit after ..."``). ``cache_dir`` defaults to the run's own.
     """
-    folder, meta = _read_text_run(path)
+    folder, meta = read_text_run(path)
     config = TextTrainConfig.from_dict(meta["config"])
+    if config.data is not None:
+        raise ValueError(
+            f"{folder} was trained on your data (data={config.data!r}), not on WordNet: its "
+            f"held-out synsets mean nothing for it; score it on a BEIR folder with "
+            f"`mrl eval --run {folder} --beir FOLDER`."
+        )
     cache = Path(cache_dir if cache_dir is not None else config.cache_dir)
     _, test = wordnet_split(
         load_synsets(config.wordnet_root), config.seed, config.train_fraction, config.test_fraction
@@ -214,7 +223,8 @@ def evaluate_text_model(
     task = definition_to_lemmas(test)
     kind = "mrl" if config.matryoshka else "plain"
     tuned = TextEncoder(str(folder / "model"), name=f"{Path(folder).name}-{kind}")
-    models = {"fine-tuned": tuned, "base truncated": TextEncoder(config.model)}
+    base = TextEncoder(meta.get("base_model_path") or config.model, name=config.model)
+    models = {"fine-tuned": tuned, "base truncated": base}
     metrics: Metrics = {}
     for label, enc in models.items():
         key = f"wordnet/s{config.seed}/test{round(config.test_fraction * 1000)}"
@@ -278,7 +288,7 @@ def _base_methods(
     fit_on = np.concatenate([tr_def, tr_lem])  # (2n, d)
     methods: dict[str, tuple[TextEncoder, Transform]] = {
         "base truncated": (base, _truncate),
-        "base + PCA": (base, _pca(fit_on)),
+        "base + PCA": (base, fit_pca(fit_on)),
     }
     adaptor_s: dict[str, float] = {}
     for name, supervised in (("base + adaptor", False), ("base + adaptor (supervised)", True)):
@@ -398,9 +408,13 @@ def _write_results(results: dict[str, Any], out_dir: Path) -> None:
         pass
 
 
-def _pca(train: np.ndarray) -> Transform:
+def fit_pca(train: np.ndarray) -> Transform:
+    """The uncentred PCA map fitted on ``train (n, d)``: ``(N, d), m -> (N, m)``, unit rows.
+
+    With fewer rows than dimensions the basis is completed to ``(d, d)``, so every size exists.
+    """
     x = train / np.linalg.norm(train, axis=1, keepdims=True)
-    _, _, vh = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    _, _, vh = np.linalg.svd(x.astype(np.float64), full_matrices=x.shape[0] < x.shape[1])
     rot = vh.T.astype(np.float32)  # (d, d), uncentred: best rank-m inner products
     return lambda e, m: truncate_numpy(e @ rot, m, normalize=True)
 
