@@ -59,7 +59,7 @@ def _recipe(tmp_path, text: str):
 
 
 @pytest.mark.parametrize(
-    "flag", [["--method", "mrl-e"], ["--device", "cpu"], ["--amp"], ["--resume"]]
+    "flag", [["--method", "mrl-e"], ["--device", "cpu"], ["--amp"], ["--augment-shift", "2"]]
 )
 def test_text_recipe_refuses_image_only_flags(tmp_path, flag):
     recipe = _recipe(tmp_path, "task: text\ntrain_pairs: 16\n")
