@@ -1,7 +1,8 @@
 """Funnel retrieval against exact full-size search on >= 100k real vectors, side by side in one run.
 
-    python benchmarks/retrieval.py [--encoder minilm|static] [--pca] [--vectors X.npy]
+    python benchmarks/retrieval.py [--encoder minilm|static] [--pca] [--adaptor] [--vectors X.npy]
         [--n-queries 1000] [--k 10] [--threads 1] [--out results/retrieval.json]
+        [--code-backends binary,sq8,rabitq] [--rerank-dtypes float32 int8]
 
 Corpus: every WordNet synset definition (117,659); queries: usage examples of 1,000 synsets
 (texts that are not in the corpus). ``--encoder minilm`` embeds them with all-MiniLM-L6-v2
@@ -13,11 +14,23 @@ orthogonal rotation (inner products unchanged, so the same reference) whose coor
 ordered by variance, a fair way to get nested prefixes from a model that is not
 Matryoshka-trained.
 
+``--adaptor`` adds a third space: the unsupervised :class:`~matryoshka.models.adaptor.MatryoshkaAdaptor`
+fitted on (up to ``--adaptor-rows``) corpus rows, which makes the prefixes nested; it is not a
+rotation, so its rows answer a slightly different question, and their recall is still measured
+against the reference (exact full-size search of the base vectors).
+
 Compared in one run: exact full-size flat search (FAISS ``IndexFlatIP``, the reference; and the
-torch exact backend), FAISS HNSW at full size, and the funnel with an exact shortlist and with an
-HNSW shortlist for several ``(m_s, k')``. Reported: queries/s, recall@k against the reference,
-bytes of vectors touched per query, index size and build time. Prints a table, writes JSON and a
-PNG (recall vs queries/s).
+torch exact backend), FAISS HNSW at full size (``--ef-searches``), FAISS IVF at full size
+(``--ivf-nprobes``), the quantized peers at full size with a float32 rescore of their top ``k'``
+(``--code-backends``: ``sq8``, ``binary`` sign codes, ``rabitq``, optionally ``binary-hnsw``;
+"X d + rescore"), and the funnel with an exact shortlist, an HNSW shortlist and each quantized
+shortlist (``--code-shortlist-sizes``) for several ``(m_s, k')``, reranking from the
+memory-mapped matrix with precomputed prefix norms (``--rerank-dtypes`` float32, float16, int8).
+Reported: queries/s, recall@k against the reference, bytes of vectors touched per query, RAM
+bytes per vector (what the method holds in memory: the index, plus the funnel's prefix-norm
+factors) and memory-mapped bytes per vector (the rerank matrix read from disk, listed
+separately), index size and build time. Prints a table, writes JSON and two PNGs (queries/s vs
+recall, and RAM bytes per vector vs recall, the Pareto front of each marked).
 
 ``--backends milvus,pgvector`` adds the funnel inside the vector databases (:mod:`matryoshka.retrieval.vectordb`)
 for ``--db-shortlist-sizes`` x ``--shortlist-ks``: Milvus Lite on a temp file (or ``--milvus-uri``)
@@ -42,7 +55,15 @@ import torch
 
 from matryoshka.ops import truncate_numpy
 from matryoshka.retrieval.funnel import FunnelRetriever, recall_vs_reference
-from matryoshka.retrieval.index import FaissIndex, VectorIndex, import_faiss, make_index
+from matryoshka.retrieval.index import (
+    CODE_BACKENDS,
+    FaissIndex,
+    VectorIndex,
+    add_in_chunks,
+    import_faiss,
+    make_index,
+)
+from matryoshka.retrieval.prefixes import PrefixMatrix
 
 TARGET_RECALL, TARGET_SPEEDUP = 0.99, 14.0
 
@@ -104,6 +125,36 @@ def pca_rotate(corpus: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.
     return corpus @ rot, queries @ rot
 
 
+def adaptor_space(
+    corpus: np.ndarray, queries: np.ndarray, args: argparse.Namespace
+) -> tuple[np.ndarray, np.ndarray]:
+    """Corpus and queries mapped by the unsupervised Matryoshka adaptor fitted on corpus rows."""
+    from matryoshka.models.adaptor import MatryoshkaAdaptor
+    from matryoshka.nesting import Nesting
+
+    d = corpus.shape[1]
+    sizes = [m for m in (8, 16, 32, 64, 128, 256, 512, 1024) if m < d] + [d]
+    rows = np.random.default_rng(args.seed).permutation(corpus.shape[0])[: args.adaptor_rows]
+    adaptor = MatryoshkaAdaptor(
+        Nesting(sizes), epochs=args.adaptor_epochs, seed=args.seed, progress=False
+    )
+    adaptor.fit(corpus[np.sort(rows)])
+    # unnormalised: every prefix is normalised by the indexes and the funnel themselves
+    return adaptor.transform(corpus, normalize=False), adaptor.transform(queries, normalize=False)
+
+
+def pareto(xs: list[float], ys: list[float]) -> list[int]:
+    """Indices of the points not dominated by another (``x`` and ``y`` both higher is better),
+    sorted by ``x``."""
+    order = sorted(range(len(xs)), key=lambda i: (-xs[i], -ys[i]))
+    front, best_y = [], -float("inf")
+    for i in order:
+        if ys[i] > best_y:
+            front.append(i)
+            best_y = ys[i]
+    return sorted(front, key=lambda i: xs[i])
+
+
 def timed(fn: Any, repeats: int) -> tuple[Any, float]:
     """Best-of-``repeats`` wall time of ``fn()`` and its result."""
     best, out = float("inf"), None
@@ -139,6 +190,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spaces = {"raw": (corpus, queries)}
     if args.pca:
         spaces["pca"] = pca_rotate(corpus, queries)
+    if args.adaptor:
+        spaces["adaptor"] = adaptor_space(corpus, queries, args)
     rows: list[dict[str, Any]] = []
 
     def add_row(name: str, space: str, ids: np.ndarray, secs: float, **extra: Any) -> None:
@@ -149,9 +202,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"recall@{k}": recall_vs_reference(ids, ref_ids),
             **extra,
         }
+        # RAM: what the method holds in memory; mapped: files read through a memory map
+        row.setdefault("ram_bytes_per_vector", row["index_bytes"] / n)
+        row.setdefault("mmap_bytes_per_vector", 0.0)
         rows.append(row)
         print(
-            f"  {space:4s} {name:34s} {row['qps']:9.0f} q/s  recall {row[f'recall@{k}']:.4f}",
+            f"  {space:7s} {name:40s} {row['qps']:9.0f} q/s  recall {row[f'recall@{k}']:.4f}",
             flush=True,
         )
 
@@ -182,7 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "faiss-hnsw", d, corpus, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction
     )
     assert isinstance(hnsw_full, FaissIndex)
-    for ef in (32, 64, 128):
+    for ef in args.ef_searches:
         hnsw_full.ef_search = ef
         (_, ids), secs = timed(lambda f=hnsw_full.search: f(queries, k), reps)
         visits = hnsw_visits(hnsw_full, queries, k)
@@ -196,6 +252,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             build_s=hb,
         )
     del hnsw_full
+    if args.ivf_nprobes:
+        t0 = time.perf_counter()
+        ivf = add_in_chunks(make_index("faiss-ivf", d, model_name="bench"), corpus)
+        ivf_build = time.perf_counter() - t0
+        assert isinstance(ivf, FaissIndex)
+        for nprobe in args.ivf_nprobes:
+            ivf.nprobe = nprobe
+            (_, ids), secs = timed(lambda f=ivf.search: f(queries, k), reps)
+            add_row(
+                f"IVF d nlist={ivf.nlist} nprobe={nprobe}",
+                "raw",
+                ids,
+                secs,
+                bytes_per_query=n * min(nprobe, ivf.nlist or 1) / (ivf.nlist or 1) * d * 4,
+                index_bytes=ivf.nbytes,
+                build_s=ivf_build,
+            )
+        del ivf
 
     tmp = tempfile.TemporaryDirectory(prefix="mrl-bench-")
     for space, (xc, xq) in spaces.items():
@@ -218,6 +292,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bytes_per_query=n * m_s * 4 + fr.rerank_bytes_per_query(k),
                     index_bytes=ex.nbytes,
                     build_s=eb,
+                    ram_bytes_per_vector=fr.nbytes / n,
+                    mmap_bytes_per_vector=fr.mapped_bytes / n,
                 )
             del ex
         for m_s in args.hnsw_shortlist_sizes:
@@ -241,8 +317,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bytes_per_query=visits * m_s * 4 + fr.rerank_bytes_per_query(k),
                     index_bytes=hn.nbytes,
                     build_s=hb,
+                    ram_bytes_per_vector=fr.nbytes / n,
+                    mmap_bytes_per_vector=fr.mapped_bytes / n,
                 )
             del hn
+        bench_codes(args, space, xc, xq, corpus_path, Path(tmp.name), k, add_row)
     tmp.cleanup()
     for backend in [b for b in args.backends.split(",") if b]:
         bench_database(backend, args, spaces, k, add_row)
@@ -271,6 +350,71 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target": {"recall": TARGET_RECALL, "speedup": TARGET_SPEEDUP},
         "rows": rows,
     }
+
+
+def bench_codes(
+    args: argparse.Namespace,
+    space: str,
+    xc: np.ndarray,
+    xq: np.ndarray,
+    corpus_path: Path,
+    tmp: Path,
+    k: int,
+    add_row: Any,
+) -> None:
+    """The quantized backends in one space: at full size with a rescore of their top ``k'``
+    (the usual "SQ8 / binary / RaBitQ + rescore" peers), and as funnel shortlists at
+    ``--code-shortlist-sizes``; each reranks from the memory-mapped matrix of every
+    ``--rerank-dtypes`` (float32 is the corpus file itself; others are written once)."""
+    backends = [b for b in args.code_backends.split(",") if b]
+    unknown = [b for b in backends if b not in CODE_BACKENDS]
+    if unknown:
+        raise SystemExit(f"--code-backends: {unknown} not in {list(CODE_BACKENDS)}")
+    n, d = xc.shape
+    mapped = np.load(corpus_path, mmap_mode="r")
+    matrices: dict[str, tuple[PrefixMatrix, float]] = {}
+    for dtype in args.rerank_dtypes:
+        t0 = time.perf_counter()
+        path = None if dtype == "float32" else tmp / f"{space}.{dtype}.npy"
+        pm = PrefixMatrix.build(mapped, (d,), dtype=dtype, path=path)
+        matrices[dtype] = (pm, time.perf_counter() - t0)
+    sizes = sorted({d, *(m for m in args.code_shortlist_sizes if m < d)})
+    for backend in backends:
+        for m_s in sizes:
+            params: dict[str, Any] = {"ef_search": 64} if backend == "binary-hnsw" else {}
+            t0 = time.perf_counter()
+            index = add_in_chunks(make_index(backend, m_s, model_name="bench", **params), xc)
+            index_build = time.perf_counter() - t0
+            # a flat code scan reads every code once per query; the HNSW visits are not counted
+            scan = float(index.nbytes) if backend != "binary-hnsw" else float("nan")
+            for dtype, (pm, pm_build) in matrices.items():
+                tag = "" if dtype == "float32" else f" [{dtype}]"
+                for kp in args.shortlist_ks:
+                    if backend == "binary-hnsw":
+                        index.ef_search = kp  # type: ignore[attr-defined]
+                    fr = FunnelRetriever(m_s, kp, index=index, prefixes=pm).fit(mapped)
+                    (_, ids), secs = timed(lambda fr=fr, xq=xq: fr.search(xq, k), args.repeats)
+                    name = (
+                        f"{backend} d + rescore k'={kp}{tag}"
+                        if m_s == d
+                        else f"funnel {backend} m_s={m_s} k'={kp} -> {d}{tag}"
+                    )
+                    add_row(
+                        name,
+                        space,
+                        ids,
+                        secs,
+                        shortlist_size=m_s,
+                        shortlist_k=kp,
+                        backend=backend,
+                        rerank_dtype=dtype,
+                        bytes_per_query=scan + fr.rerank_bytes_per_query(k),
+                        index_bytes=index.nbytes,
+                        build_s=index_build + pm_build,
+                        ram_bytes_per_vector=fr.nbytes / n,
+                        mmap_bytes_per_vector=fr.mapped_bytes / n,
+                    )
+            del index
 
 
 def _disk_bytes(path: Path) -> int:
@@ -354,14 +498,15 @@ def bench_database(
 def print_table(res: dict[str, Any]) -> None:
     k = res["k"]
     head = (
-        f"{'space':5s} {'method':36s} {'q/s':>9s} {'speedup':>8s} {f'R@{k}':>7s} "
-        f"{'KB/query':>10s} {'index MB':>9s} {'build s':>8s}"
+        f"{'space':7s} {'method':44s} {'q/s':>9s} {'speedup':>8s} {f'R@{k}':>7s} "
+        f"{'KB/query':>10s} {'RAM B/vec':>9s} {'mmap B/v':>8s} {'index MB':>9s} {'build s':>8s}"
     )
     print("\n" + head + "\n" + "-" * len(head))
     for r in res["rows"]:
         print(
-            f"{r['space']:5s} {r['method']:36s} {r['qps']:9.0f} {r['speedup']:7.1f}x "
+            f"{r['space']:7s} {r['method']:44s} {r['qps']:9.0f} {r['speedup']:7.1f}x "
             f"{r[f'recall@{k}']:7.4f} {r['bytes_per_query'] / 1024:10.0f} "
+            f"{r['ram_bytes_per_vector']:9.1f} {r['mmap_bytes_per_vector']:8.0f} "
             f"{r['index_bytes'] / 2**20:9.1f} {r['build_s']:8.1f}"
         )
     n, d = res["n_corpus"], res["dim"]
@@ -391,39 +536,78 @@ def print_table(res: dict[str, Any]) -> None:
     )
 
 
+def _group(r: dict[str, Any]) -> str:
+    """The curve a row belongs to: its method without the swept parameter, plus its space."""
+    key = r["method"].split(" k'=")[0].split(" ef=")[0].split(" nprobe=")[0].split(" (")[0]
+    dtype = r.get("rerank_dtype", "float32")
+    return key + ("" if dtype == "float32" else f" {dtype}") + f" [{r['space']}]"
+
+
 def plot(res: dict[str, Any], path: Path) -> None:
+    """Two PNGs: queries/s vs recall at ``path``, RAM bytes per vector vs recall next to it
+    (``<stem>.ram.png``); each with its Pareto front (black line) marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     k = res["k"]
+    rows = res["rows"]
     groups: dict[str, list[dict[str, Any]]] = {}
-    for r in res["rows"]:
-        key = r["method"].split(" k'=")[0].split(" ef=")[0].split(" (")[0] + f" [{r['space']}]"
-        groups.setdefault(key, []).append(r)
-    for key, rs in groups.items():
-        style = "s--" if key.endswith("[pca]") else "o-"
-        ax.plot([r["qps"] for r in rs], [r[f"recall@{k}"] for r in rs], style, label=key)
-    ax.axhline(TARGET_RECALL, color="grey", ls=":", lw=1)
-    ax.axvline(
-        TARGET_SPEEDUP * res["reference_qps"],
-        color="grey",
-        ls="--",
-        lw=1,
-        label=f"{TARGET_SPEEDUP:.0f}x reference",
-    )
-    ax.set_xscale("log")
-    ax.set_xlabel("queries / s")
-    ax.set_ylabel(f"recall@{k} vs exact full-size search")
-    ax.set_title(f"{res['n_corpus']} x {res['dim']}, {res['threads']} thread(s)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    for r in rows:
+        groups.setdefault(_group(r), []).append(r)
+    recall = [r[f"recall@{k}"] for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    for key, label, better_high, out in (
+        ("qps", "queries / s", True, path),
+        (
+            "ram_bytes_per_vector",
+            "RAM bytes / vector (memory-mapped rerank matrix not counted)",
+            False,
+            path.with_suffix(".ram.png"),
+        ),
+    ):
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+        for name, rs in groups.items():
+            style = {"[pca]": "s--", "[adaptor]": "^:"}.get(name[name.rfind("[") :], "o-")
+            ax.plot([r[key] for r in rs], [r[f"recall@{k}"] for r in rs], style, ms=4, label=name)
+        xs = [r[key] if better_high else -r[key] for r in rows]
+        front = pareto(xs, recall)
+        ax.plot(
+            [rows[i][key] for i in front],
+            [recall[i] for i in front],
+            "k-",
+            lw=2,
+            alpha=0.5,
+            drawstyle="steps-post" if not better_high else "steps-pre",
+            label="Pareto front",
+        )
+        ax.scatter(
+            [rows[i][key] for i in front],
+            [recall[i] for i in front],
+            s=60,
+            facecolors="none",
+            edgecolors="k",
+            zorder=5,
+        )
+        ax.axhline(TARGET_RECALL, color="grey", ls=":", lw=1)
+        if key == "qps":
+            ax.axvline(
+                TARGET_SPEEDUP * res["reference_qps"],
+                color="grey",
+                ls="--",
+                lw=1,
+                label=f"{TARGET_SPEEDUP:.0f}x reference",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"recall@{k} vs exact full-size search")
+        ax.set_title(f"{res['n_corpus']} x {res['dim']}, {res['threads']} thread(s)")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -431,6 +615,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vectors", default=None, help="(N, d) .npy; last --n-queries rows = queries")
     p.add_argument("--encoder", choices=["minilm", "static"], default="minilm")
     p.add_argument("--pca", action="store_true", help="also measure PCA-rotated vectors")
+    p.add_argument(
+        "--adaptor", action="store_true", help="also measure the unsupervised MatryoshkaAdaptor"
+    )
+    p.add_argument("--adaptor-rows", type=int, default=20000, help="corpus rows it is fitted on")
+    p.add_argument("--adaptor-epochs", type=int, default=8)
     p.add_argument("--n-queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
@@ -440,6 +629,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hnsw-shortlist-sizes", type=int, nargs="+", default=[64])
     p.add_argument("--shortlist-ks", type=int, nargs="+", default=[50, 100, 200, 400])
     p.add_argument("--hnsw-m", type=int, default=16)
+    p.add_argument("--ef-searches", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    p.add_argument(
+        "--ivf-nprobes", type=int, nargs="*", default=[8, 32, 128], help="none: skip IVF"
+    )
+    p.add_argument(
+        "--code-backends",
+        default="binary,sq8,rabitq",
+        help=f"quantized peers and funnel shortlists, from {','.join(CODE_BACKENDS)} ('': none)",
+    )
+    p.add_argument("--code-shortlist-sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument(
+        "--rerank-dtypes",
+        nargs="+",
+        choices=["float32", "float16", "int8"],
+        default=["float32"],
+        help="storage of the memory-mapped rerank matrix of the quantized rows",
+    )
     p.add_argument("--ef-construction", type=int, default=80)
     p.add_argument("--backends", default="", help="vector databases to add, e.g. milvus,pgvector")
     p.add_argument("--db-shortlist-sizes", type=int, nargs="+", default=[64])
@@ -456,13 +662,18 @@ def run_and_report(args: argparse.Namespace) -> int:
     """Run, print the table, write JSON and PNG; the exit code."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     res = run(args)
+    k, rows = res["k"], res["rows"]
+    for key, sign in (("qps", 1.0), ("ram_bytes_per_vector", -1.0)):
+        front = set(pareto([sign * r[key] for r in rows], [r[f"recall@{k}"] for r in rows]))
+        for i, r in enumerate(rows):
+            r[f"pareto_{key}"] = i in front
     print_table(res)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     png = Path(args.plot) if args.plot else out.with_suffix(".png")
     plot(res, png)
-    print(f"wrote {out} and {png}")
+    print(f"wrote {out}, {png} and {png.with_suffix('.ram.png')}")
     return 0
 
 

@@ -12,11 +12,21 @@ the database funnels of :mod:`matryoshka.retrieval.vectordb` use both. :class:`~
 (in :mod:`matryoshka.retrieval.tuner`, still importable from here) picks ``(m_s, k', chain)`` for
 a target recall@k against exact full-size search with the highest throughput measured on
 held-out queries.
+
+The rerank reads a :class:`~matryoshka.retrieval.prefixes.PrefixMatrix`: the full-size rows
+(float32, float16 or int8 with a per-row scale; memory-mapped from a ``.npy``) and the inverse
+norms of every row's prefix at each rerank size, computed once at ``fit``, so a stage is a
+gather + dot + scale. The shortlist can be any backend, including the quantized ones of
+:mod:`matryoshka.retrieval.codes` (``binary``, ``binary-hnsw``, ``sq8``, ``rabitq``).
+:meth:`FunnelRetriever.save` writes the whole funnel as one checked folder (header with
+checksums + shortlist index + rerank matrix or a reference to it); :meth:`FunnelRetriever.load`
+verifies it.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,13 +37,22 @@ import numpy as np
 import torch
 
 from matryoshka._validate import positive_int
+from matryoshka.io import atomic_write_bytes
 from matryoshka.ops import truncate_numpy
-from matryoshka.retrieval.index import NO_SCORE, VectorIndex, add_in_chunks, make_index
+from matryoshka.retrieval.index import (
+    NO_SCORE,
+    VectorIndex,
+    add_in_chunks,
+    load_index,
+    make_index,
+)
+from matryoshka.retrieval.prefixes import PrefixMatrix, check_dtype, file_sha256
 
 if TYPE_CHECKING:
     from matryoshka.retrieval.tuner import FunnelTuner
 
 __all__ = [
+    "FUNNEL_FORMAT",
     "FunnelRetriever",
     "FunnelSpec",
     "FunnelTuner",
@@ -42,6 +61,13 @@ __all__ = [
     "recall_vs_reference",
     "rerank_candidates",
 ]
+
+
+FUNNEL_FORMAT = "matryoshka-funnel"
+FUNNEL_VERSION = 1
+_FUNNEL_META = "matryoshka_funnel"
+#: file names inside a saved funnel folder
+HEADER_FILE, SHORTLIST_FILE, MATRIX_FILE = "funnel.safetensors", "shortlist.index", "rerank.npy"
 
 
 def __getattr__(name: str) -> Any:
@@ -219,17 +245,33 @@ class FunnelSpec:
 
 
 def _rescore(
-    q: np.ndarray, cand: np.ndarray, vectors: np.ndarray, m: int, keep: int, normalize: bool
+    q: np.ndarray,
+    cand: np.ndarray,
+    vectors: np.ndarray,
+    m: int,
+    keep: int,
+    normalize: bool,
+    factors: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One rerank stage: rescore ``(b, c)`` candidate ids (rows of ``vectors`` ``(N, >=m)``,
     ``-1`` none) at prefix size ``m`` against ``q`` ``(b, >=m)``, keep the best ``keep``:
-    scores ``(b, keep)`` float32 and ids ``(b, keep)`` int64, ``NO_SCORE``/``-1`` padded."""
+    scores ``(b, keep)`` float32 and ids ``(b, keep)`` int64, ``NO_SCORE``/``-1`` padded.
+
+    ``factors`` ``(N,)`` float32, when given, are this stage's precomputed per-row multipliers
+    (:class:`~matryoshka.retrieval.prefixes.PrefixMatrix`): the rows are then not renormalised,
+    the score is ``<row[:m], q̂[:m]> * factors[row]``."""
     b, c = cand.shape
     valid = cand >= 0
-    rows = vectors[np.where(valid, cand, 0).ravel(), :m]  # (b*c, m), read from the map
-    rows = truncate_numpy(rows, m, normalize=normalize).reshape(b, c, m)
+    flat = np.where(valid, cand, 0).ravel()
+    rows = vectors[flat, :m]  # (b*c, m), read from the map
+    if factors is None:
+        rows = truncate_numpy(rows, m, normalize=normalize).reshape(b, c, m)
+    else:
+        rows = np.ascontiguousarray(rows, dtype=np.float32).reshape(b, c, m)
     qm = truncate_numpy(q, m, normalize=normalize)  # (b, m)
     s = torch.bmm(torch.from_numpy(rows), torch.from_numpy(qm)[:, :, None])[..., 0]  # (b, c)
+    if factors is not None:
+        s *= torch.from_numpy(np.ascontiguousarray(factors[flat], np.float32).reshape(b, c))
     s[torch.from_numpy(~valid)] = NO_SCORE
     kk = min(keep, c)
     top = torch.topk(s, kk, dim=1, sorted=True)
@@ -250,6 +292,7 @@ def rerank_candidates(
     *,
     normalize: bool = True,
     batch_size: int = 256,
+    factors: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The funnel's rerank, the one kernel every funnel uses (in memory and in the databases).
 
@@ -257,11 +300,17 @@ def rerank_candidates(
         queries: ``(Q, D)`` float32 full-size queries (``D >= rerank[-1]``).
         candidates: ``(Q, c)`` int64 shortlisted row ids into ``vectors``, ``-1`` for none.
         vectors: ``(N, D)`` float32 rows (a memory-mapped corpus, or the candidates' vectors);
-            only the first ``m`` columns are read at a stage of size ``m``.
+            only the first ``m`` columns are read at a stage of size ``m``. With ``factors``,
+            any stored dtype (float16, int8 codes) cast to float32 after the gather.
         rerank: the validated size chain ``m_1 < ... <= D``.
         keeps: :meth:`FunnelSpec.keeps` -- ``len(rerank) + 1`` counts, the last is ``k``.
         normalize: cosine (each prefix unit-normalised) rather than raw inner product.
         batch_size: queries rescored at once (the gathered block is ``batch_size·c·m·4`` bytes).
+        factors: ``(N, len(rerank))`` float32 per-row multipliers precomputed at build
+            (:meth:`PrefixMatrix.factors_for(rerank) <matryoshka.retrieval.prefixes.PrefixMatrix.factors_for>`:
+            prefix inverse norms, times the int8 row scale): the stage score is then
+            ``<vectors[r, :m], q̂[:m]> * factors[r, stage]``, a gather + dot + scale with no
+            per-query renormalisation of rows. ``None`` renormalises the gathered rows.
 
     Each stage rescores the surviving candidates at its prefix size and keeps the best
     ``keeps[i + 1]``. Returns scores ``(Q, k)`` float32 and ids ``(Q, k)`` int64, best first, in
@@ -273,13 +322,22 @@ def rerank_candidates(
             f"{len(rerank)} stages: pass spec.keeps(k), one count per stage plus k."
         )
     batch_size = positive_int(batch_size, "batch_size")
+    if factors is not None and (
+        factors.ndim != 2 or factors.shape != (vectors.shape[0], len(rerank))
+    ):
+        raise ValueError(
+            f"factors.shape={factors.shape} but vectors has {vectors.shape[0]} rows and "
+            f"rerank={list(rerank)} has {len(rerank)} stages: pass "
+            f"PrefixMatrix.factors_for(rerank), shape ({vectors.shape[0]}, {len(rerank)})."
+        )
     n_q, k = candidates.shape[0], int(keeps[-1])
     scores = np.empty((n_q, k), np.float32)
     ids = np.empty((n_q, k), np.int64)
     for s in range(0, n_q, batch_size):
         sc, c = np.empty(0, np.float32), candidates[s : s + batch_size]
-        for m, keep in zip(rerank, keeps[1:], strict=True):
-            sc, c = _rescore(queries[s : s + batch_size], c, vectors, m, keep, normalize)
+        for j, (m, keep) in enumerate(zip(rerank, keeps[1:], strict=True)):
+            f = None if factors is None else factors[:, j]
+            sc, c = _rescore(queries[s : s + batch_size], c, vectors, m, keep, normalize, f)
         scores[s : s + batch_size], ids[s : s + batch_size] = sc, c
     return scores, ids
 
@@ -294,7 +352,8 @@ class FunnelRetriever:
     Args:
         shortlist_size, shortlist_k, rerank, keep: the funnel (see :class:`FunnelSpec`, which
             ``fit`` validates into ``spec_``).
-        backend: index backend for the shortlist (see :func:`matryoshka.retrieval.index.make_index`).
+        backend: index backend for the shortlist (see :func:`matryoshka.retrieval.index.make_index`;
+            the quantized ``binary``, ``binary-hnsw``, ``sq8`` and ``rabitq`` make cheap ones).
         index_params: extra backend parameters (e.g. ``{"ef_search": 256}``).
         index: a prebuilt index over the corpus' size-``m_s`` prefixes to use instead of building
             one (its size, normalisation and count are checked by ``fit``).
@@ -302,11 +361,19 @@ class FunnelRetriever:
         model_name: recorded in the index header.
         batch_size: queries reranked at once (bounds the gathered candidate block to
             ``batch_size * k' * m * 4`` bytes).
+        rerank_dtype: storage of the full-size rerank matrix: ``"float32"`` (scores as exact as
+            the corpus), ``"float16"`` (half the bytes; scores within ~1e-3) or ``"int8"`` (a
+            quarter, per-row scale; scores within ~2e-2), see :mod:`matryoshka.retrieval.prefixes`.
+        rerank_path: ``.npy`` file ``fit`` writes the rerank matrix to (then memory-mapped);
+            ``None`` reads a float32 corpus as it is (memory-mapped when given as a path) and
+            keeps other dtypes in memory.
+        prefixes: a prebuilt :class:`~matryoshka.retrieval.prefixes.PrefixMatrix` of this corpus
+            to use instead of building one (its rows, normalisation and chain are checked).
 
     ``fit(corpus)`` takes a ``(N, d)`` array or a ``.npy`` path (memory-mapped) and sets
-    ``corpus_``, ``index_``, ``dim_``, ``spec_`` and ``chain_`` (``spec_.rerank``).
+    ``corpus_``, ``index_``, ``prefixes_``, ``dim_``, ``spec_`` and ``chain_`` (``spec_.rerank``).
     ``search(queries, k)`` maps ``(Q, d)`` queries to ``(scores, ids)``, both ``(Q, k)``, in FAISS
-    conventions.
+    conventions. ``save(folder)`` / ``FunnelRetriever.load(folder)`` store it as one artefact.
     """
 
     def __init__(
@@ -322,6 +389,9 @@ class FunnelRetriever:
         normalize: bool = True,
         model_name: str = "unknown",
         batch_size: int = 256,
+        rerank_dtype: str = "float32",
+        rerank_path: str | os.PathLike[str] | None = None,
+        prefixes: PrefixMatrix | None = None,
     ) -> None:
         self.shortlist_size = shortlist_size
         self.shortlist_k = shortlist_k
@@ -333,6 +403,9 @@ class FunnelRetriever:
         self.normalize = normalize
         self.model_name = model_name
         self.batch_size = batch_size
+        self.rerank_dtype = rerank_dtype
+        self.rerank_path = rerank_path
+        self.prefixes = prefixes
 
     @classmethod
     def from_spec(cls, spec: FunnelSpec, **kwargs: Any) -> FunnelRetriever:
@@ -341,12 +414,16 @@ class FunnelRetriever:
 
     # -- fit -----------------------------------------------------------------------------------
     def fit(self, corpus: np.ndarray | str | os.PathLike[str]) -> FunnelRetriever:
-        """Open the ``(N, d)`` corpus and build (or check) the size-``m_s`` index. Returns self."""
+        """Open the ``(N, d)`` corpus, build (or check) the size-``m_s`` index and the rerank
+        matrix with its prefix norms. Returns self."""
         arr = open_corpus(corpus)
         n, d = arr.shape
         spec = FunnelSpec(self.shortlist_size, self.shortlist_k, self.rerank, self.keep)
         spec = spec.validate(d)
         positive_int(self.batch_size, "batch_size")
+        chain = tuple(spec.rerank or (d,))
+        dtype = check_dtype(self.rerank_dtype)
+        pm = None if self.prefixes is None else self._check_prefixes(self.prefixes, n, d, chain)
         if self.index is not None:
             idx = self.index
             if idx.dim != spec.shortlist_size:
@@ -374,12 +451,34 @@ class FunnelRetriever:
                 **(self.index_params or {}),
             )
             add_in_chunks(idx, arr, progress=True, desc=f"index m={spec.shortlist_size}")
+        if pm is None:
+            pm = PrefixMatrix.build(
+                arr, chain, dtype=dtype, normalize=self.normalize, path=self.rerank_path
+            )
         self.corpus_ = arr
         self.dim_ = d
         self.spec_ = spec
-        self.chain_ = tuple(spec.rerank or (d,))
+        self.chain_ = chain
         self.index_ = idx
+        self.prefixes_ = pm
+        self._factors = pm.factors_for(chain)
         return self
+
+    def _check_prefixes(
+        self, pm: PrefixMatrix, n: int, d: int, chain: tuple[int, ...]
+    ) -> PrefixMatrix:
+        if (pm.ntotal, pm.dim) != (n, d):
+            raise ValueError(
+                f"prefixes holds a ({pm.ntotal}, {pm.dim}) matrix but the corpus is ({n}, {d}): "
+                f"build the PrefixMatrix from this corpus."
+            )
+        if pm.normalize != self.normalize:
+            raise ValueError(
+                f"prefixes.normalize={pm.normalize} but normalize={self.normalize}: build the "
+                f"PrefixMatrix with normalize={self.normalize}."
+            )
+        pm.factors_for(chain)  # every rerank size must have its factors
+        return pm
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "index_"):
@@ -398,6 +497,19 @@ class FunnelRetriever:
         """Number of corpus vectors searched (fitted)."""
         self._check_fitted()
         return int(self.corpus_.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory (fitted): the shortlist index, the rerank factors, and the rerank
+        matrix when it is not memory-mapped (see :attr:`mapped_bytes`)."""
+        self._check_fitted()
+        return int(self.index_.nbytes + self.prefixes_.nbytes)
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of the memory-mapped rerank matrix (0 when it is held in memory; fitted)."""
+        self._check_fitted()
+        return self.prefixes_.mapped_bytes
 
     def keeps(self, k: int) -> tuple[int, ...]:
         """``spec_.keeps(k)``: candidates entering each rerank stage, ``k'`` first, ``k`` last."""
@@ -421,20 +533,304 @@ class FunnelRetriever:
         return rerank_candidates(
             q,
             cand,
-            self.corpus_,
+            self.prefixes_.matrix,
             self.chain_,
             counts,
             normalize=self.normalize,
             batch_size=self.batch_size,
+            factors=self._factors,
         )
 
     def rerank_bytes_per_query(self, k: int) -> int:
-        """Bytes of corpus prefixes read by the rerank stages for one query: ``sum_i c_i·m_i·4``."""
+        """Bytes of corpus prefixes read by the rerank stages for one query: ``sum_i c_i·m_i·4``
+        for a float32 rerank matrix (``·2`` for float16, ``·1`` for int8)."""
         self._check_fitted()
-        return self.spec_.rerank_bytes_per_query(k)
+        full = self.spec_.rerank_bytes_per_query(k)
+        if self.prefixes_.dtype == "float32":
+            return full
+        return full * self.prefixes_.matrix.itemsize // 4
+
+    # -- save / load ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], *, copy_matrix: bool = False) -> Path:
+        """Write the fitted funnel to the folder ``path`` (created) and return it.
+
+        The folder holds ``funnel.safetensors`` (one JSON header -- model name, sizes, chain,
+        keep, rerank dtype, the shortlist backend, checksums of every part -- and the rerank
+        factors and int8 scales as tensors), ``shortlist.index`` (the shortlist
+        :class:`~matryoshka.retrieval.index.VectorIndex` file) and ``rerank.npy`` (the rerank
+        matrix). A matrix already memory-mapped from a ``.npy`` outside the folder is referenced
+        by its absolute path (with its size and SHA-256) instead of copied, unless
+        ``copy_matrix``. Each file is written atomically; the header last.
+        """
+        self._check_fitted()
+        folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(
+                f"path={str(folder)!r} is a file: a funnel is saved as a folder; give a folder "
+                f"path (created if missing)."
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        pm = self.prefixes_
+        shortlist = self.index_.save(folder / SHORTLIST_FILE)
+        source = _npy_source(pm)
+        if source is not None and source.parent.resolve() == folder.resolve():
+            matrix_ref = source.name
+        elif source is not None and not copy_matrix:
+            matrix_ref = str(source.resolve())
+        else:
+            matrix_ref = MATRIX_FILE
+            _atomic_save_npy(folder / MATRIX_FILE, pm.matrix)
+        matrix_file = folder / matrix_ref
+        payload = {"factors": np.ascontiguousarray(pm.factors), "scale": pm.scale}
+        header = {
+            "format": FUNNEL_FORMAT,
+            "version": FUNNEL_VERSION,
+            "model_name": self._model_name(),
+            "ntotal": self.ntotal,
+            "dim": self.dim_,
+            "normalize": bool(self.normalize),
+            "shortlist_size": self.spec_.shortlist_size,
+            "shortlist_k": self.spec_.shortlist_k,
+            "rerank": list(self.chain_),
+            "keep": None if self.spec_.keep is None else list(self.spec_.keep),
+            "factor_chain": list(pm.chain),
+            "batch_size": int(self.batch_size),
+            "rerank_dtype": pm.dtype,
+            "backend": self.index_.backend,
+            "files": {
+                "shortlist": _file_entry(shortlist, SHORTLIST_FILE),
+                "matrix": {
+                    **_file_entry(matrix_file, matrix_ref),
+                    "shape": [pm.ntotal, pm.dim],
+                    "dtype": pm.dtype,
+                },
+            },
+            "sha256": {name: _array_sha256(arr) for name, arr in payload.items()},
+        }
+        from safetensors.numpy import save as st_save
+
+        meta = {_FUNNEL_META: json.dumps(header)}
+        atomic_write_bytes(folder / HEADER_FILE, st_save(payload, metadata=meta))
+        return folder
+
+    def _model_name(self) -> str:
+        if self.model_name == "unknown":
+            return self.index_.model_name
+        if self.index_.model_name not in ("unknown", self.model_name):
+            raise ValueError(
+                f"model_name={self.model_name!r} but the shortlist index was built from "
+                f"{self.index_.model_name!r}: use one model for the whole funnel."
+            )
+        return self.model_name
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        model_name: str | None = None,
+        verify_matrix: bool = True,
+    ) -> FunnelRetriever:
+        """A fitted funnel from a folder written by :meth:`save`, every part verified.
+
+        Checks the header (format, version), the checksums of the factors, of
+        ``shortlist.index`` and (``verify_matrix``; ``False`` skips hashing a large matrix and
+        checks only its size, shape and dtype) of the rerank matrix, and that the parts agree;
+        ``model_name``, when given, must be the header's. Errors name the offending file.
+        """
+        folder = Path(path)
+        head_file = folder / HEADER_FILE
+        if not head_file.is_file():
+            raise FileNotFoundError(
+                f"{head_file} does not exist: path={str(folder)!r} must be a folder written by "
+                f"FunnelRetriever.save()."
+            )
+        header, tensors = _read_header(head_file)
+        hmodel = str(header["model_name"])
+        if model_name is not None and model_name != hmodel:
+            raise ValueError(
+                f"model_name={model_name!r} but the funnel at {folder} was built from model "
+                f"{hmodel!r}: embed the queries with {hmodel!r} or rebuild the funnel."
+            )
+        files = header["files"]
+        n, d = int(header["ntotal"]), int(header["dim"])
+        shortlist_file = _check_file(folder, files["shortlist"], verify=True)
+        index = load_index(
+            shortlist_file, dim=int(header["shortlist_size"]), normalize=bool(header["normalize"])
+        )
+        if index.ntotal != n or index.model_name not in ("unknown", hmodel):
+            raise ValueError(
+                f"{shortlist_file} does not belong to this funnel (it holds {index.ntotal} "
+                f"vectors of model {index.model_name!r}; {head_file} says {n} of {hmodel!r}): "
+                f"save the funnel again."
+            )
+        matrix_file = _check_file(folder, files["matrix"], verify=verify_matrix)
+        try:
+            matrix = np.load(matrix_file, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise ValueError(
+                f"{matrix_file} is not a readable .npy rerank matrix ({e}): save the funnel again."
+            ) from e
+        dtype = str(header["rerank_dtype"])
+        if matrix.shape != (n, d) or str(matrix.dtype) != dtype:
+            raise ValueError(
+                f"{matrix_file} holds a {matrix.shape} {matrix.dtype} matrix but {head_file} "
+                f"says ({n}, {d}) {dtype}: it is not this funnel's rerank matrix; save the "
+                f"funnel again."
+            )
+        factor_chain = tuple(int(m) for m in header["factor_chain"])
+        factors, scale = tensors["factors"], tensors["scale"]
+        if factors.shape != (n, len(factor_chain)) or scale.shape != (n,):
+            raise ValueError(
+                f"{head_file} holds factors of shape {factors.shape} and scales {scale.shape}, "
+                f"expected ({n}, {len(factor_chain)}) and ({n},): save the funnel again."
+            )
+        normalize = bool(header["normalize"])
+        pm = PrefixMatrix(
+            matrix, factors, factor_chain, normalize, dtype, scale, matrix_file.resolve()
+        )
+        keep = header["keep"]
+        fr = cls(
+            int(header["shortlist_size"]),
+            int(header["shortlist_k"]),
+            tuple(header["rerank"]),
+            None if keep is None else tuple(keep),
+            backend=str(header["backend"]),
+            index=index,
+            normalize=normalize,
+            model_name=hmodel,
+            batch_size=int(header["batch_size"]),
+            rerank_dtype=dtype,
+            prefixes=pm,
+        )
+        return fr.fit(matrix) if dtype == "float32" else fr._fit_stored(matrix)
+
+    def _fit_stored(self, matrix: np.ndarray) -> FunnelRetriever:
+        """Fit on a loaded non-float32 rerank matrix (``open_corpus`` takes floats only)."""
+        d = matrix.shape[1]
+        spec = FunnelSpec(self.shortlist_size, self.shortlist_k, self.rerank, self.keep)
+        spec = spec.validate(d)
+        assert self.prefixes is not None
+        assert self.index is not None
+        self.corpus_ = matrix
+        self.dim_, self.spec_, self.chain_ = d, spec, tuple(spec.rerank or (d,))
+        self.index_, self.prefixes_ = self.index, self.prefixes
+        self._factors = self.prefixes.factors_for(self.chain_)
+        return self
 
     def __repr__(self) -> str:
         return (
             f"FunnelRetriever(shortlist_size={self.shortlist_size}, shortlist_k={self.shortlist_k},"
             f" rerank={self.rerank}, keep={self.keep}, backend={self.backend!r})"
         )
+
+
+def _array_sha256(arr: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def _npy_source(pm: PrefixMatrix) -> Path | None:
+    """The ``.npy`` file a memory-mapped rerank matrix is read from, or ``None``."""
+    if pm.path is not None:
+        return Path(pm.path)
+    name = getattr(pm.matrix, "filename", None)
+    if name is None:
+        return None
+    try:
+        again = np.load(name, mmap_mode="r")
+    except (ValueError, OSError):
+        return None
+    if again.shape != pm.matrix.shape or again.dtype != pm.matrix.dtype:
+        return None  # a view of part of the file, or not an .npy: copy it
+    return Path(name)
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray, step: int = 65536) -> None:
+    """``np.save`` streamed ``step`` rows at a time to a temp file, fsync'ed, then renamed."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f,
+                {
+                    "descr": np.lib.format.dtype_to_descr(arr.dtype),
+                    "fortran_order": False,
+                    "shape": arr.shape,
+                },
+            )
+            for s in range(0, arr.shape[0], step):
+                f.write(np.ascontiguousarray(arr[s : s + step]).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _file_entry(file: Path, ref: str) -> dict[str, Any]:
+    return {"path": ref, "bytes": file.stat().st_size, "sha256": file_sha256(file)}
+
+
+def _check_file(folder: Path, entry: dict[str, Any], *, verify: bool) -> Path:
+    """The file of a header ``entry`` (relative to ``folder`` or absolute), size and (``verify``)
+    checksum checked; errors name the file."""
+    file = folder / str(entry["path"])
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} is missing: the funnel at {folder} needs it; save the funnel again (or "
+            f"restore the file)."
+        )
+    size = file.stat().st_size
+    if size != int(entry["bytes"]):
+        raise ValueError(
+            f"{file} has {size} bytes but the funnel header says {entry['bytes']}: it was "
+            f"truncated or replaced; save the funnel again."
+        )
+    if verify and file_sha256(file) != entry["sha256"]:
+        raise ValueError(
+            f"{file} does not match its checksum in the funnel header: it is corrupted or was "
+            f"changed after the funnel was saved; save the funnel again."
+        )
+    return file
+
+
+def _read_header(head_file: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The verified header and tensors of ``funnel.safetensors``; errors name the file."""
+    from safetensors import safe_open
+
+    def bad(why: str) -> ValueError:
+        return ValueError(
+            f"{head_file} is not a valid funnel header ({why}): it may be truncated or "
+            f"corrupted; save the funnel again with FunnelRetriever.save()."
+        )
+
+    try:
+        with safe_open(str(head_file), framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises several types for malformed files
+        raise bad(f"unreadable safetensors file: {e}") from e
+    if _FUNNEL_META not in meta:
+        raise bad("no matryoshka funnel header")
+    try:
+        header = json.loads(meta[_FUNNEL_META])
+        checksums = dict(header["sha256"])
+        needed = ("model_name", "ntotal", "dim", "normalize", "shortlist_size", "files")
+        missing = [key for key in needed if key not in header]
+    except (ValueError, KeyError, TypeError) as e:
+        raise bad(f"malformed header: {e}") from e
+    if missing:
+        raise bad(f"malformed header: no {missing}")
+    if header.get("format") != FUNNEL_FORMAT or header.get("version") != FUNNEL_VERSION:
+        raise bad(f"format {header.get('format')!r} v{header.get('version')!r}")
+    if set(checksums) != set(tensors) or set(tensors) != {"factors", "scale"}:
+        raise bad(f"payload {sorted(tensors)} does not match header {sorted(checksums)}")
+    for name, arr in tensors.items():
+        if _array_sha256(arr) != checksums[name]:
+            raise bad(f"checksum mismatch in {name!r}")
+    return header, tensors

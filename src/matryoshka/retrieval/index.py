@@ -12,6 +12,8 @@ Backends (:func:`make_index`):
   blocks so the score matrix never exceeds ``memory_limit`` bytes.
 * ``faiss-flat``, ``faiss-hnsw``, ``faiss-ivf``: FAISS ``IndexFlatIP``, ``IndexHNSWFlat`` and
   ``IndexIVFFlat`` with the inner-product metric (optional extra: ``pip install 'matryoshka[faiss]'``).
+* ``binary``, ``binary-hnsw``, ``sq8``, ``rabitq``: quantized codes of the prefix for cheap
+  funnel shortlists (FAISS too), see :mod:`matryoshka.retrieval.codes`.
 
 ``save(path)`` writes one safetensors file (no pickle) whose metadata holds a JSON header with the
 backend, model name, size ``m``, normalisation, vector count, parameters and a SHA-256 checksum
@@ -40,6 +42,7 @@ from matryoshka.ops import truncate_numpy
 
 __all__ = [
     "BACKENDS",
+    "CODE_BACKENDS",
     "ExactIndex",
     "FaissIndex",
     "VectorIndex",
@@ -49,7 +52,9 @@ __all__ = [
     "make_index",
 ]
 
-BACKENDS = ("exact", "faiss-flat", "faiss-hnsw", "faiss-ivf")
+#: quantized shortlist backends, implemented in :mod:`matryoshka.retrieval.codes`
+CODE_BACKENDS = ("binary", "binary-hnsw", "sq8", "rabitq")
+BACKENDS = ("exact", "faiss-flat", "faiss-hnsw", "faiss-ivf", *CODE_BACKENDS)
 FORMAT = "matryoshka-index"
 FORMAT_VERSION = 1
 _META_KEY = "matryoshka_index"
@@ -431,6 +436,10 @@ def make_index(
     """
     if backend == "exact":
         return ExactIndex(dim, model_name=model_name, normalize=normalize, **params)
+    if backend in CODE_BACKENDS:
+        from matryoshka.retrieval.codes import make_code_index
+
+        return make_code_index(backend, dim, model_name=model_name, normalize=normalize, **params)
     if backend in BACKENDS:
         kind = backend.removeprefix("faiss-")
         return FaissIndex(dim, kind=kind, model_name=model_name, normalize=normalize, **params)
@@ -544,6 +553,10 @@ def load_index(
         if vec is None or vec.ndim != 2 or vec.shape[1] != hdim:
             raise _corrupt(path, "vector payload has the wrong shape")
         index._x = np.ascontiguousarray(vec, np.float32)
+    elif backend in CODE_BACKENDS:
+        from matryoshka.retrieval.codes import restore_code_index
+
+        index = restore_code_index(backend, hdim, hmodel, hnorm, hparams, tensors, path)
     else:
         faiss_index = FaissIndex(hdim, model_name=hmodel, normalize=hnorm, **hparams)
         faiss_index._restore(tensors["faiss"])
