@@ -24,6 +24,7 @@ from matryoshka.retrieval.funnel import (
     recall_vs_reference,
 )
 from matryoshka.retrieval.index import ExactIndex, VectorIndex, add_in_chunks
+from matryoshka.retrieval.prefixes import PrefixMatrix
 
 __all__ = ["FunnelTuner"]
 
@@ -120,6 +121,8 @@ class FunnelTuner:
         """Each measured configuration's result row and fitted retriever. For every ``(m_s,
         chain)``, ``k'`` grows until the target is met; one shortlist index per ``m_s``."""
         n, d = arr.shape
+        sizes = sorted({m for m_s in self.shortlist_sizes for c in self._chains(m_s, d) for m in c})
+        prefixes = PrefixMatrix.build(arr, sizes, normalize=self.normalize)  # one pass for all
         for m_s in tqdm(list(self.shortlist_sizes), desc="tune m_s", leave=False):
             index: VectorIndex | None = None
             for chain in self._chains(m_s, d):
@@ -134,6 +137,7 @@ class FunnelTuner:
                         index_params=self.index_params,
                         index=index,
                         normalize=self.normalize,
+                        prefixes=prefixes,
                     ).fit(arr)
                     index = fr.index_
                     ids, qps = _timed_search(fr.search, q, self.k, self.repeats)
