@@ -147,13 +147,18 @@ class TrainConfig:
     progress: bool = help_field("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
-        from matryoshka.backbones import list_backbones
+        from matryoshka.backbones import backbone_accepts, list_backbones
         from matryoshka.data.images import DATASETS
 
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {list(METHODS)}.")
         if self.backbone not in list_backbones():
             raise ValueError(f"backbone={self.backbone!r} is not one of {list_backbones()}.")
+        if self.pretrained is not None and not backbone_accepts(self.backbone, "weights"):
+            raise ValueError(
+                f"pretrained={self.pretrained!r} but backbone={self.backbone!r} takes no weights "
+                "file: use resnet18, resnet50 or vit_b16, or drop pretrained."
+            )
         if self.data not in DATASETS:
             raise ValueError(f"data={self.data!r} is not one of {list(DATASETS)}.")
         for name in _POSITIVE:
