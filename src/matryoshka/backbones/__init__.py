@@ -6,12 +6,13 @@ A backbone is any ``nn.Module`` mapping a batch to ``(batch, embed_dim)`` and ex
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-__all__ = ["create_backbone", "list_backbones", "register_backbone"]
+__all__ = ["backbone_accepts", "create_backbone", "list_backbones", "register_backbone"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -33,6 +34,13 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def backbone_accepts(name: str, param: str) -> bool:
+    """Whether the factory of the registered backbone ``name`` takes the keyword ``param``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"backbone={name!r} is not registered: use one of {list_backbones()}.")
+    return param in inspect.signature(_REGISTRY[name]).parameters
+
+
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered backbone; ``kwargs`` go to its factory (``embed_dim``, ``in_channels``...)."""
     if name not in _REGISTRY:
@@ -41,4 +49,4 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
 
 
 # Importing the modules registers their backbones.
-from matryoshka.backbones import cnn, mlp, resnet, vit  # noqa: E402, F401
+from matryoshka.backbones import cnn, mlp, resnet, timm_vit, vit  # noqa: E402, F401

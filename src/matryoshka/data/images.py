@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "BAD_IMAGES",
     "DATASETS",
     "ImageSplits",
     "load_dataset",
@@ -186,14 +187,21 @@ def load_image_folder(
     grayscale: bool = False,
     seed: int = 0,
     fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    bad_images: str = "skip",
 ) -> ImageSplits:
     """A folder with one sub-folder per class (torchvision ``ImageFolder`` layout).
 
-    Images are resized to ``image_size`` squared, loaded into memory, normalised per channel with
-    the training split's statistics, and split stratified with ``seed``.
+    Images are resized to ``image_size`` squared, loaded into memory (``(N, C, S, S)`` float32:
+    for data sets that fit; :mod:`matryoshka.data.image_stream` reads larger ones batch by
+    batch), normalised per channel with the training split's statistics, and split stratified
+    with ``seed``. Unreadable images are left out with a ``RuntimeWarning`` giving their count
+    and the first paths (``bad_images='skip'``), or stop the load with
+    :class:`~matryoshka.data.image_stream.UnreadableImageError` (``bad_images='fail'``).
     """
     import torchvision
     from torchvision.transforms import v2
+
+    from matryoshka.data.image_stream import BadImageLog
 
     root = Path(root)
     if not root.is_dir():
@@ -204,27 +212,54 @@ def load_image_folder(
     if grayscale:
         steps.append(v2.Grayscale())
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if bad_images not in BAD_IMAGES:
+        raise ValueError(f"bad_images={bad_images!r} must be one of {list(BAD_IMAGES)}.")
     ds = torchvision.datasets.ImageFolder(str(root), transform=v2.Compose(steps))
-    x = torch.stack([ds[i][0] for i in range(len(ds))]).numpy()  # (N, C, H, W) in [0, 1]
-    y = np.asarray(ds.targets, dtype=np.int64)
+    images, keep, bad = [], [], BadImageLog(bad_images)
+    for i, (path, _) in enumerate(ds.samples):
+        try:
+            images.append(ds[i][0])
+            keep.append(i)
+        except (OSError, ValueError, SyntaxError):  # PIL raises these on unreadable files
+            bad.add([path], f"data_root={str(root)!r}")
+    bad.report(f"data_root={str(root)!r}")
+    x = torch.stack(images).numpy()  # (N, C, H, W) in [0, 1]
+    y = np.asarray(ds.targets, dtype=np.int64)[keep]
     train, _, _ = stratified_split(y, fractions, seed)
     mean = x[train].mean(axis=(0, 2, 3))
     std = x[train].std(axis=(0, 2, 3)) + 1e-6
     return _from_arrays(root.name, x, y, mean.tolist(), std.tolist(), fractions, seed)
 
 
-DATASETS = ("mnist-subset", "mnist", "fashion-mnist", "cifar10", "folder")
+#: Every ``data`` name; ``webdataset`` (tar shards) is read only by the streaming loader.
+DATASETS = ("mnist-subset", "mnist", "fashion-mnist", "cifar10", "folder", "webdataset")
+#: What to do on an image file that cannot be decoded.
+BAD_IMAGES = ("skip", "fail")
 
 
-def load_dataset(name: str, root: str | Path | None = None, seed: int = 0) -> ImageSplits:
-    """Load a data set by name: ``mnist-subset`` (bundled), ``mnist``, ``fashion-mnist``,
-    ``cifar10`` (need ``root``), or ``folder`` (``root`` is an image folder)."""
+def load_dataset(
+    name: str,
+    root: str | Path | None = None,
+    seed: int = 0,
+    *,
+    image_size: int = 32,
+    grayscale: bool = False,
+    bad_images: str = "skip",
+) -> ImageSplits:
+    """Load a data set into memory by name: ``mnist-subset`` (bundled), ``mnist``,
+    ``fashion-mnist``, ``cifar10`` (need ``root``), or ``folder`` (``root`` is an image folder;
+    ``image_size``, ``grayscale`` and ``bad_images`` go to :func:`load_image_folder`)."""
     if name == "mnist-subset":
         return load_mnist_subset(seed=seed)
     if name not in DATASETS:
         raise ValueError(f"data={name!r} is not one of {list(DATASETS)}.")
     if root is None:
         raise ValueError(f"data={name!r} needs data_root: the folder that holds its files.")
+    if name == "webdataset":
+        raise ValueError(
+            "data='webdataset' is read batch by batch, never into memory: train with "
+            "loader='stream' (or 'auto')."
+        )
     if name == "folder":
-        return load_image_folder(root, seed=seed)
+        return load_image_folder(root, image_size, grayscale, seed=seed, bad_images=bad_images)
     return load_torchvision(name, root, seed=seed)
