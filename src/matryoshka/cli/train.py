@@ -163,14 +163,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"mrl eval: error: --beir {args.beir!r} scores text runs, but --run {args.run!r} is "
             "not one (no text_model.json): pass the folder of a `task: text` run."
         )
-    from matryoshka.data.images import load_dataset
     from matryoshka.training.config import TrainConfig
-    from matryoshka.training.image import load_model, predict_logits
+    from matryoshka.training.image import evaluate_split, load_model
 
     model, meta = load_model(args.run)
     config = TrainConfig.from_dict(meta["config"])
-    data = load_dataset(config.data, config.data_root, seed=config.seed)
-    acc = (predict_logits(model, data.x_test).argmax(-1) == data.y_test).double().mean(1)
+    acc = evaluate_split(model, config, "test")  # in memory or streamed, as the run trained
     table = {m: round(float(a), 4) for m, a in zip(model.nesting, acc, strict=True)}
     print(f"{'m':>6} {'top-1':>8}")
     for m, a in table.items():
