@@ -33,12 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from matryoshka._validate import positive_int
 from matryoshka.io import atomic_write_bytes
-from matryoshka.ops import truncate_numpy
 
 __all__ = [
     "BACKENDS",
@@ -147,6 +145,8 @@ class VectorIndex(ABC):
     def prepare(self, x: Any, name: str = "vectors") -> np.ndarray:
         """Cut ``(n, D)`` embeddings (``D >= m``) to the stored form ``(n, m)`` float32."""
         arr = _as_matrix(x, self.dim, name)
+        from matryoshka.ops import truncate_numpy  # torch: imported when vectors arrive
+
         return truncate_numpy(arr, self.dim, normalize=self.normalize)
 
     def add(self, vectors: Any) -> VectorIndex:
@@ -300,6 +300,8 @@ class ExactIndex(VectorIndex):
         """Top-``k`` of ``q @ x.T`` per row, sorted: ``(b, m), (nb, m) -> (b, k), (b, k)``."""
         k = min(k, x.shape[0])
         if self.engine == "torch":
+            import torch
+
             s = torch.from_numpy(q) @ torch.from_numpy(x).T  # (b, nb)
             top = torch.topk(s, k, dim=1, largest=True, sorted=True)
             return top.values.numpy(), top.indices.numpy().astype(np.int64)
