@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -49,10 +49,7 @@ from matryoshka.data.wordnet import (
     wordnet_split,
 )
 from matryoshka.evaluation.metrics import accuracy, mrr_at_k, ndcg_at_k, recall_at_k, top_k_indices
-from matryoshka.models.adaptor import MatryoshkaAdaptor
-from matryoshka.models.text_encoder import TextEncoder, encode_cached
 from matryoshka.nesting import Nesting
-from matryoshka.ops import truncate_numpy
 from matryoshka.training.text import (
     TEXT_MODEL_FILE,
     TEXT_MODEL_FORMAT,
@@ -65,6 +62,10 @@ from matryoshka.training.text_options import (
     check_sizes_match_model,
     check_text_options,
 )
+
+if TYPE_CHECKING:  # torch comes with these: imported where used, so `mrl text-eval --help` is fast
+    from matryoshka.models.adaptor import MatryoshkaAdaptor
+    from matryoshka.models.text_encoder import TextEncoder
 
 __all__ = [
     "TextEvalConfig",
@@ -148,6 +149,8 @@ def linear_probe(
 
 
 def _truncate(e: np.ndarray, m: int) -> np.ndarray:
+    from matryoshka.ops import truncate_numpy
+
     return truncate_numpy(e, m, True)
 
 
@@ -208,6 +211,8 @@ def evaluate_text_model(
     per early exit (``"fine-tuned, exit after layer l of L"``) and the base model's mean pool at
     the same layer (``"base, exit after ..."``). ``cache_dir`` defaults to the run's own.
     """
+    from matryoshka.models.text_encoder import TextEncoder, encode_cached
+
     folder, meta = read_text_run(path)
     config = TextTrainConfig.from_dict(meta["config"])
     if config.data is not None:
@@ -261,6 +266,8 @@ class _Embeddings:
         self._loaded: dict[tuple[int, str], np.ndarray] = {}
 
     def __call__(self, enc: TextEncoder, texts: Sequence[str], what: str) -> np.ndarray:
+        from matryoshka.models.text_encoder import encode_cached
+
         key = (id(enc), what)  # the encoders outlive the run, so ids are not reused
         if key not in self._loaded:
             self._loaded[key] = encode_cached(
@@ -285,6 +292,8 @@ def _base_methods(
 
     Returns ``({method: (encoder, map)}, {adaptor method: fit seconds})``.
     """
+    from matryoshka.models.adaptor import MatryoshkaAdaptor
+
     fit_on = np.concatenate([tr_def, tr_lem])  # (2n, d)
     methods: dict[str, tuple[TextEncoder, Transform]] = {
         "base truncated": (base, _truncate),
@@ -416,6 +425,8 @@ def fit_pca(train: np.ndarray) -> Transform:
     x = train / np.linalg.norm(train, axis=1, keepdims=True)
     _, _, vh = np.linalg.svd(x.astype(np.float64), full_matrices=x.shape[0] < x.shape[1])
     rot = vh.T.astype(np.float32)  # (d, d), uncentred: best rank-m inner products
+    from matryoshka.ops import truncate_numpy
+
     return lambda e, m: truncate_numpy(e @ rot, m, normalize=True)
 
 
@@ -432,6 +443,8 @@ def run_wordnet_evaluation(config: TextEvalConfig) -> dict[str, Any]:
     ``ValueError`` naming ``sizes`` (right after the model loads) when the last size is not the
     model's dimension.
     """
+    from matryoshka.models.text_encoder import TextEncoder
+
     t0 = time.time()
     nesting = Nesting(list(config.sizes))
     base = TextEncoder()
