@@ -181,9 +181,9 @@ def hnsw_visits(index: VectorIndex, queries: np.ndarray, k: int) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every variant; returns the JSON-ready results."""
-    torch.set_num_threads(args.threads)
+    corpus, queries, source = load_vectors(args)  # encoding (once, cached) uses every core
+    torch.set_num_threads(args.threads)  # the timed part runs on --threads
     import_faiss().omp_set_num_threads(args.threads)
-    corpus, queries, source = load_vectors(args)
     n, d = corpus.shape
     k, reps = args.k, args.repeats
     print(f"corpus {n} x {d} ({source}); {queries.shape[0]} held-out queries; k={k}")
