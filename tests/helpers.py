@@ -10,7 +10,7 @@ import numpy as np
 
 from matryoshka.training.config import TrainConfig
 
-__all__ = ["clustered", "run_cli", "tiny_train_config"]
+__all__ = ["LiveServer", "clustered", "run_cli", "tiny_train_config"]
 
 
 @overload
@@ -78,3 +78,34 @@ def tiny_train_config(**overrides: Any) -> TrainConfig:
         **overrides,
     }
     return TrainConfig(**fields)
+
+
+class LiveServer:
+    """A uvicorn server for ``app`` in a background thread on a free loopback port, with an
+    ``httpx`` client on ``url`` (needs the serve extra)."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+        import time
+
+        import httpx
+        import uvicorn
+
+        self.app = app
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

