@@ -86,6 +86,19 @@ def load_pretrained(
     module.load_state_dict(state)
 
 
+def _adapt_stem(net: nn.Module, in_channels: int, small_input: bool) -> None:
+    """Fit a torchvision ResNet's stem to the input, in place: a 3x3 stride-1 first conv and no
+    max-pool for small images (28x28, 32x32), a first conv of ``in_channels``; drop ``fc``."""
+    if small_input or in_channels != 3:
+        stride, kernel = (1, 3) if small_input else (2, 7)
+        net.conv1 = nn.Conv2d(
+            in_channels, 64, kernel, stride=stride, padding=kernel // 2, bias=False
+        )
+    if small_input:
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+
+
 class ResNetBackbone(nn.Module):
     """torchvision ResNet-18 as a feature extractor: ``(B, C, H, W) -> (B, embed_dim)``.
 
@@ -107,14 +120,7 @@ class ResNetBackbone(nn.Module):
         from torchvision.models import resnet18
 
         net = resnet18(weights=None)
-        if small_input or in_channels != 3:
-            stride, kernel = (1, 3) if small_input else (2, 7)
-            net.conv1 = nn.Conv2d(
-                in_channels, 64, kernel, stride=stride, padding=kernel // 2, bias=False
-            )
-        if small_input:
-            net.maxpool = nn.Identity()  # type: ignore[assignment]
-        net.fc = nn.Identity()  # type: ignore[assignment]
+        _adapt_stem(net, in_channels, small_input)
         self.skipped_weights: list[str] = []
         if weights is not None:
             state = load_weights_file(weights)
@@ -162,14 +168,7 @@ class ResNet50Backbone(nn.Module):
         from torchvision.models import resnet50
 
         net = resnet50(weights=None)
-        if small_input or in_channels != 3:
-            stride, kernel = (1, 3) if small_input else (2, 7)
-            net.conv1 = nn.Conv2d(
-                in_channels, 64, kernel, stride=stride, padding=kernel // 2, bias=False
-            )
-        if small_input:
-            net.maxpool = nn.Identity()  # type: ignore[assignment]
-        net.fc = nn.Identity()  # type: ignore[assignment]
+        _adapt_stem(net, in_channels, small_input)
         if weights is not None:
             load_pretrained(net, weights, ignore=("fc.",), what="backbone='resnet50'")
         self.net = net
