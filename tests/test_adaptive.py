@@ -306,6 +306,42 @@ def test_tuner_warns_when_target_is_out_of_reach() -> None:
     assert not tuner.target_met_
 
 
+def test_tuner_recall_carries_over_to_disjoint_queries() -> None:
+    """The recall reported on the tuning queries holds on a second, disjoint set of queries."""
+    tune_q, check_q = nested_corpus(600, D, seed=2), nested_corpus(600, D, seed=3)
+    tuner = FunnelTuner(
+        0.9, 10, shortlist_sizes=(8, 16), shortlist_ks=(20, 50, 100, 200), repeats=1
+    )
+    tuner.fit(CORPUS, tune_q, validation_queries=check_q)
+    assert tuner.target_met_ and tuner.validation_recall_ is not None
+    # independent check of the validation recall: exact search by numpy, then overlap counting
+    c = CORPUS / np.linalg.norm(CORPUS, axis=1, keepdims=True)
+    q = check_q / np.linalg.norm(check_q, axis=1, keepdims=True)
+    ref = np.argsort(-(q @ c.T), axis=1)[:, :10]
+    _, ids = tuner.best_.search(check_q, 10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, ref, strict=True)])
+    assert tuner.validation_recall_ == pytest.approx(overlap)
+    assert abs(tuner.validation_recall_ - tuner.best_recall_) <= 0.01
+
+
+def test_tuner_chooses_among_backends_within_a_ram_budget() -> None:
+    grid = dict(shortlist_sizes=(8, 16), shortlist_ks=(20, 100, 400), repeats=1)
+    both = FunnelTuner(0.9, 10, backends=("exact", "binary"), **grid).fit(CORPUS, QUERIES)
+    assert {r["backend"] for r in both.results_} == {"exact", "binary"}
+    # the budget lies between the two backends' footprints: only binary shortlists qualify
+    binary_ram = max(r["ram_bytes_per_vector"] for r in both.results_ if r["backend"] == "binary")
+    exact_ram = min(r["ram_bytes_per_vector"] for r in both.results_ if r["backend"] == "exact")
+    assert binary_ram < exact_ram
+    tight = FunnelTuner(
+        0.5, 10, backends=("exact", "binary"), max_ram_bytes_per_vector=binary_ram, **grid
+    ).fit(CORPUS, QUERIES)
+    assert tight.best_params_["backend"] == "binary"
+    assert tight.best_.nbytes / CORPUS.shape[0] <= binary_ram
+    assert all(r.get("over_budget") for r in tight.results_ if r["backend"] == "exact")
+    with pytest.raises(ValueError, match=r"max_ram_bytes_per_vector=1.0 is below every measured"):
+        FunnelTuner(0.5, 10, max_ram_bytes_per_vector=1.0, **grid).fit(CORPUS, QUERIES)
+
+
 def test_tuner_errors() -> None:
     with pytest.raises(ValueError, match=r"target_recall=1.5 must be in \(0, 1\]"):
         FunnelTuner(1.5).fit(CORPUS, QUERIES)
@@ -319,6 +355,12 @@ def test_tuner_errors() -> None:
         FunnelTuner(0.9, 10, shortlist_sizes=(8,), chains=[(32, 16)]).fit(CORPUS, QUERIES)
     with pytest.raises(ValueError, match=r"shortlist_ks=\[5000\] exceed the corpus size 4000"):
         FunnelTuner(0.9, 10, shortlist_sizes=(8,), shortlist_ks=(5000,)).fit(CORPUS, QUERIES)
+    with pytest.raises(ValueError, match=r"backends=\['exakt'\] must be non-empty .* one of"):
+        FunnelTuner(0.9, 10, shortlist_sizes=(8,), backends=("exakt",)).fit(CORPUS, QUERIES)
+    with pytest.raises(ValueError, match=r"max_ram_bytes_per_vector=0 must be > 0"):
+        FunnelTuner(0.9, 10, shortlist_sizes=(8,), max_ram_bytes_per_vector=0).fit(CORPUS, QUERIES)
+    with pytest.raises(ValueError, match=r"validation_queries.shape=\(80, 8\)"):
+        FunnelTuner(0.9, 10, shortlist_sizes=(8,)).fit(CORPUS, QUERIES, QUERIES[:, :8])
 
 
 # ---------------------------------------------------------------------------------------------
