@@ -325,7 +325,7 @@ def test_tuner_recall_carries_over_to_disjoint_queries() -> None:
 
 
 def test_tuner_chooses_among_backends_within_a_ram_budget() -> None:
-    grid = dict(shortlist_sizes=(8, 16), shortlist_ks=(20, 100, 400), repeats=1)
+    grid: dict[str, Any] = dict(shortlist_sizes=(8, 16), shortlist_ks=(20, 100, 400), repeats=1)
     both = FunnelTuner(0.9, 10, backends=("exact", "binary"), **grid).fit(CORPUS, QUERIES)
     assert {r["backend"] for r in both.results_} == {"exact", "binary"}
     # the budget lies between the two backends' footprints: only binary shortlists qualify
