@@ -1,6 +1,6 @@
 """Funnel retrieval against exact full-size search on >= 100k real vectors, side by side in one run.
 
-    python benchmarks/retrieval.py [--encoder minilm|static] [--pca] [--adaptor] [--vectors X.npy]
+    python benchmarks/retrieval.py [--encoder minilm|static] [--pca] [--adaptor] [--vectors X.npy] [--tune]
         [--n-queries 1000] [--k 10] [--threads 1] [--out results/retrieval.json]
         [--code-backends binary,sq8,rabitq] [--rerank-dtypes float32 int8]
 
@@ -32,6 +32,13 @@ factors) and memory-mapped bytes per vector (the rerank matrix read from disk, l
 separately), index size and build time. Prints a table, writes JSON and two PNGs (queries/s vs
 recall, and RAM bytes per vector vs recall, the Pareto front of each marked).
 
+The summary compares, at recall@k >= 0.95 and >= 0.99, the fastest funnel with the fastest
+peer (every other method but the reference), as ratios of q/s and of RAM bytes per vector.
+``--tune`` checks :class:`~matryoshka.retrieval.tuner.FunnelTuner`: tuned on one half of the
+queries (backends ``--tune-backends``), its reported recall is compared with its choice's recall
+on the other half. ``--scale N1 N2 ...`` re-measures the reference and the best funnel at 0.99 on
+random corpus subsets of those sizes (and the whole corpus), so the growth of each with N shows.
+
 ``--backends milvus,pgvector`` adds the funnel inside the vector databases (:mod:`matryoshka.retrieval.vectordb`)
 for ``--db-shortlist-sizes`` x ``--shortlist-ks``: Milvus Lite on a temp file (or ``--milvus-uri``)
 and PostgreSQL + pgvector started with pgserver in a temp folder (or ``--pg-url``). Their build
@@ -57,6 +64,8 @@ from matryoshka.ops import truncate_numpy
 from matryoshka.retrieval.funnel import FunnelRetriever, recall_vs_reference
 from matryoshka.retrieval.index import (
     CODE_BACKENDS,
+    EF_CONSTRUCTION,
+    HNSW_M,
     FaissIndex,
     VectorIndex,
     add_in_chunks,
@@ -64,8 +73,11 @@ from matryoshka.retrieval.index import (
     make_index,
 )
 from matryoshka.retrieval.prefixes import PrefixMatrix
+from matryoshka.retrieval.tuner import FunnelTuner
 
 TARGET_RECALL, TARGET_SPEEDUP = 0.99, 14.0
+#: recall levels of the summary: the best funnel against the best peer at each
+LEVELS = (0.95, 0.99)
 
 
 def wordnet_texts(n_queries: int, seed: int) -> tuple[list[str], list[str]]:
@@ -247,6 +259,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "raw",
             ids,
             secs,
+            backend="faiss-hnsw",
+            ef_search=ef,
             bytes_per_query=visits * d * 4,
             index_bytes=hnsw_full.nbytes,
             build_s=hb,
@@ -335,6 +349,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best = max(ok, key=lambda r: r["qps"]) if ok else None
     ok_funnel = [r for r in ok if r["method"].startswith("funnel")]
     best_funnel = max(ok_funnel, key=lambda r: r["qps"]) if ok_funnel else None
+    levels = [level_summary(rows, k, level) for level in LEVELS]
+    tuner = tune_check(args, spaces, k) if args.tune else []
+    scale = scale_curve(args, spaces, best_funnel, k) if args.scale and best_funnel else []
     return {
         "source": source,
         "n_corpus": n,
@@ -347,9 +364,117 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "topk_selection_qps": queries.shape[0] / sel_secs,
         "best_at_target": best,
         "best_funnel_at_target": best_funnel,
+        "levels": levels,
+        "tuner": tuner,
+        "scale": scale,
         "target": {"recall": TARGET_RECALL, "speedup": TARGET_SPEEDUP},
         "rows": rows,
     }
+
+
+def level_summary(rows: list[dict[str, Any]], k: int, level: float) -> dict[str, Any]:
+    """The fastest funnel and the fastest peer (any other method but the reference) reaching
+    recall@k >= ``level``, and the funnel's q/s and RAM as ratios of the peer's."""
+    ok = [r for r in rows[1:] if r[f"recall@{k}"] >= level]
+    funnels = [r for r in ok if r["method"].startswith("funnel")]
+    peers = [r for r in ok if not r["method"].startswith("funnel")]
+    funnel = max(funnels, key=lambda r: r["qps"]) if funnels else None
+    peer = max(peers, key=lambda r: r["qps"]) if peers else None
+    both = funnel is not None and peer is not None
+    return {
+        "recall": level,
+        "funnel": funnel,
+        "peer": peer,
+        "qps_ratio": funnel["qps"] / peer["qps"] if both else None,  # type: ignore[index]
+        "ram_ratio": (
+            funnel["ram_bytes_per_vector"] / peer["ram_bytes_per_vector"] if both else None  # type: ignore[index]
+        ),
+    }
+
+
+def tune_check(
+    args: argparse.Namespace, spaces: dict[str, tuple[np.ndarray, np.ndarray]], k: int
+) -> list[dict[str, Any]]:
+    """The tuner keeps its word: tuned on one half of the queries, its reported recall is
+    compared with the chosen funnel's recall on the other half (real queries, none a corpus
+    row). In the adaptor space both are measured against that space's own full-size search."""
+    out = []
+    for space, (xc, xq) in spaces.items():
+        half = xq.shape[0] // 2
+        for target in LEVELS:
+            tuner = FunnelTuner(
+                target,
+                k,
+                shortlist_sizes=[m for m in args.shortlist_sizes if m < xc.shape[1]],
+                shortlist_ks=args.shortlist_ks,
+                backends=[b for b in args.tune_backends.split(",") if b],
+                repeats=args.repeats,
+            ).fit(xc, xq[:half], validation_queries=xq[half:])
+            assert tuner.validation_recall_ is not None
+            row = {
+                "space": space,
+                "target": target,
+                "chosen": tuner.best_params_,
+                "reported_recall": tuner.best_recall_,
+                "validation_recall": tuner.validation_recall_,
+                "gap": tuner.best_recall_ - tuner.validation_recall_,
+                "target_met": tuner.target_met_,
+            }
+            out.append(row)
+            print(
+                f"  tuner {space:7s} target {target}: reported {row['reported_recall']:.4f} on "
+                f"{half} queries, measured {row['validation_recall']:.4f} on {xq.shape[0] - half} "
+                f"others (gap {row['gap']:+.4f})",
+                flush=True,
+            )
+    return out
+
+
+def scale_curve(
+    args: argparse.Namespace,
+    spaces: dict[str, tuple[np.ndarray, np.ndarray]],
+    best_funnel: dict[str, Any],
+    k: int,
+) -> list[dict[str, Any]]:
+    """q/s of the reference (flat) and of the best funnel's configuration on random subsets of
+    the corpus of ``--scale`` sizes (and the whole corpus), each against exact search of that
+    subset, so each method's growth with N shows."""
+    raw_c, raw_q = spaces["raw"]
+    xc, xq = spaces[best_funnel["space"]]
+    n = xc.shape[0]
+    m_s, kp = best_funnel["shortlist_size"], best_funnel["shortlist_k"]
+    backend = best_funnel["backend"]
+    rng = np.random.default_rng(args.seed)
+    out = []
+    with tempfile.TemporaryDirectory(prefix="mrl-scale-") as tmp:
+        for size in sorted({*(s for s in args.scale if s < n), n}):
+            rows = np.sort(rng.permutation(n)[:size])
+            ref, _ = build("faiss-flat", raw_c.shape[1], raw_c[rows])
+            (_, ref_ids), ref_secs = timed(lambda ref=ref: ref.search(raw_q, k), args.repeats)
+            del ref
+            path = Path(tmp) / f"{size}.npy"
+            np.save(path, xc[rows])
+            params = {"ef_search": kp} if "hnsw" in backend else {}
+            index, build_s = build(backend, m_s, xc[rows], **params)
+            fr = FunnelRetriever(m_s, kp, index=index).fit(path)
+            (_, ids), secs = timed(lambda fr=fr: fr.search(xq, k), args.repeats)
+            row = {
+                "n": int(size),
+                "reference_qps": raw_q.shape[0] / ref_secs,
+                "funnel_qps": xq.shape[0] / secs,
+                "funnel_recall": recall_vs_reference(ids, ref_ids),
+                "funnel_build_s": build_s,
+            }
+            row["speedup"] = row["funnel_qps"] / row["reference_qps"]
+            out.append(row)
+            print(
+                f"  scale N={size:7d}: flat {row['reference_qps']:8.0f} q/s, funnel "
+                f"{row['funnel_qps']:8.0f} q/s ({row['speedup']:.2f}x), recall "
+                f"{row['funnel_recall']:.4f}",
+                flush=True,
+            )
+            del index, fr
+    return out
 
 
 def bench_codes(
@@ -530,6 +655,31 @@ def print_table(res: dict[str, Any]) -> None:
             f"Fastest {label} at recall@{k} >= {TARGET_RECALL}: {best['space']} {best['method']}:"
             f" {best['speedup']:.2f}x the reference (target {TARGET_SPEEDUP:.0f}x: {verdict})."
         )
+    for lv in res.get("levels", []):
+        f, p = lv["funnel"], lv["peer"]
+        if f is None or p is None:
+            print(
+                f"At recall@{k} >= {lv['recall']}: funnel {f and f['method']}, peer {p and p['method']}."
+            )
+            continue
+        print(
+            f"At recall@{k} >= {lv['recall']}: best funnel {f['space']} {f['method']} "
+            f"({f['qps']:.0f} q/s, {f['ram_bytes_per_vector']:.0f} B/vec) vs best peer {p['space']} "
+            f"{p['method']} ({p['qps']:.0f} q/s, {p['ram_bytes_per_vector']:.0f} B/vec): "
+            f"{lv['qps_ratio']:.2f}x its q/s at {lv['ram_ratio']:.2f}x its RAM."
+        )
+    for t in res.get("tuner", []):
+        c = t["chosen"]
+        print(
+            f"Tuner {t['space']} target {t['target']}: chose {c['backend']} m_s={c['shortlist_size']}"
+            f" k'={c['shortlist_k']} -> {c['rerank']}; reported {t['reported_recall']:.4f}, "
+            f"measured on disjoint queries {t['validation_recall']:.4f} (gap {t['gap']:+.4f})."
+        )
+    for sc in res.get("scale", []):
+        print(
+            f"Scale N={sc['n']}: flat {sc['reference_qps']:.0f} q/s, best funnel "
+            f"{sc['funnel_qps']:.0f} q/s ({sc['speedup']:.2f}x), recall {sc['funnel_recall']:.4f}."
+        )
     print(
         "Note: MiniLM is not Matryoshka-trained: short prefixes of its raw coordinates make weak "
         "shortlists; 'pca' rows rotate the same vectors so that prefixes are ordered by variance."
@@ -626,9 +776,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shortlist-sizes", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--hnsw-shortlist-sizes", type=int, nargs="+", default=[64])
+    p.add_argument("--hnsw-shortlist-sizes", type=int, nargs="+", default=[64, 128])
     p.add_argument("--shortlist-ks", type=int, nargs="+", default=[50, 100, 200, 400])
-    p.add_argument("--hnsw-m", type=int, default=16)
+    p.add_argument(
+        "--hnsw-m", type=int, default=HNSW_M, help="HNSW graph degree (the library's default)"
+    )
     p.add_argument("--ef-searches", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     p.add_argument(
         "--ivf-nprobes", type=int, nargs="*", default=[8, 32, 128], help="none: skip IVF"
@@ -646,7 +798,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=["float32"],
         help="storage of the memory-mapped rerank matrix of the quantized rows",
     )
-    p.add_argument("--ef-construction", type=int, default=80)
+    p.add_argument("--ef-construction", type=int, default=EF_CONSTRUCTION)
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="check the tuner: tune on half the queries, measure its choice on the other half",
+    )
+    p.add_argument("--tune-backends", default="exact,binary", help="shortlist backends it tries")
+    p.add_argument(
+        "--scale",
+        type=int,
+        nargs="*",
+        default=[10000, 30000],
+        help="corpus sizes of the scale curve (none: skip)",
+    )
     p.add_argument("--backends", default="", help="vector databases to add, e.g. milvus,pgvector")
     p.add_argument("--db-shortlist-sizes", type=int, nargs="+", default=[64])
     p.add_argument("--db-repeats", type=int, default=1, help="timed runs per database setting")
