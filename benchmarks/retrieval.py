@@ -17,7 +17,9 @@ Matryoshka-trained.
 ``--adaptor`` adds a third space: the unsupervised :class:`~matryoshka.models.adaptor.MatryoshkaAdaptor`
 fitted on (up to ``--adaptor-rows``) corpus rows, which makes the prefixes nested; it is not a
 rotation, so its rows answer a slightly different question, and their recall is still measured
-against the reference (exact full-size search of the base vectors).
+against the reference (exact full-size search of the base vectors). ``--adaptor-orthogonal``
+adds the adaptor's rotation-only variant (``MatryoshkaAdaptor(orthogonal=True)``): inner products
+unchanged, like PCA, but the rotation is trained so that prefixes keep each row's neighbours.
 
 Compared in one run: exact full-size flat search (FAISS ``IndexFlatIP``, the reference; and the
 torch exact backend), FAISS HNSW at full size (``--ef-searches``), FAISS IVF at full size
@@ -138,9 +140,10 @@ def pca_rotate(corpus: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def adaptor_space(
-    corpus: np.ndarray, queries: np.ndarray, args: argparse.Namespace
+    corpus: np.ndarray, queries: np.ndarray, args: argparse.Namespace, orthogonal: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Corpus and queries mapped by the unsupervised Matryoshka adaptor fitted on corpus rows."""
+    """Corpus and queries mapped by the unsupervised Matryoshka adaptor fitted on corpus rows
+    (``orthogonal``: its rotation-only variant, which keeps every full-size inner product)."""
     from matryoshka.models.adaptor import MatryoshkaAdaptor
     from matryoshka.nesting import Nesting
 
@@ -148,7 +151,12 @@ def adaptor_space(
     sizes = [m for m in (8, 16, 32, 64, 128, 256, 512, 1024) if m < d] + [d]
     rows = np.random.default_rng(args.seed).permutation(corpus.shape[0])[: args.adaptor_rows]
     adaptor = MatryoshkaAdaptor(
-        Nesting(sizes), epochs=args.adaptor_epochs, seed=args.seed, progress=False
+        Nesting(sizes),
+        epochs=args.adaptor_epochs,
+        seed=args.seed,
+        progress=False,
+        orthogonal=orthogonal,
+        lr=3e-3 if orthogonal else 1e-3,
     )
     adaptor.fit(corpus[np.sort(rows)])
     # unnormalised: every prefix is normalised by the indexes and the funnel themselves
@@ -204,6 +212,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         spaces["pca"] = pca_rotate(corpus, queries)
     if args.adaptor:
         spaces["adaptor"] = adaptor_space(corpus, queries, args)
+    if args.adaptor_orthogonal:
+        spaces["rotation"] = adaptor_space(corpus, queries, args, orthogonal=True)
     rows: list[dict[str, Any]] = []
 
     def add_row(name: str, space: str, ids: np.ndarray, secs: float, **extra: Any) -> None:
@@ -720,7 +730,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
         fig, ax = plt.subplots(figsize=(9, 5.5))
         ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
         for name, rs in groups.items():
-            style = {"[pca]": "s--", "[adaptor]": "^:"}.get(name[name.rfind("[") :], "o-")
+            style = {"[pca]": "s--", "[adaptor]": "^:", "[rotation]": "d-."}.get(
+                name[name.rfind("[") :], "o-"
+            )
             ax.plot([r[key] for r in rs], [r[f"recall@{k}"] for r in rs], style, ms=4, label=name)
         xs = [r[key] if better_high else -r[key] for r in rows]
         front = pareto(xs, recall)
@@ -767,6 +779,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pca", action="store_true", help="also measure PCA-rotated vectors")
     p.add_argument(
         "--adaptor", action="store_true", help="also measure the unsupervised MatryoshkaAdaptor"
+    )
+    p.add_argument(
+        "--adaptor-orthogonal",
+        action="store_true",
+        help="also measure the adaptor's rotation-only variant (full-size inner products kept)",
     )
     p.add_argument("--adaptor-rows", type=int, default=20000, help="corpus rows it is fitted on")
     p.add_argument("--adaptor-epochs", type=int, default=8)

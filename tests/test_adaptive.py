@@ -313,7 +313,8 @@ def test_tuner_recall_carries_over_to_disjoint_queries() -> None:
         0.9, 10, shortlist_sizes=(8, 16), shortlist_ks=(20, 50, 100, 200), repeats=1
     )
     tuner.fit(CORPUS, tune_q, validation_queries=check_q)
-    assert tuner.target_met_ and tuner.validation_recall_ is not None
+    assert tuner.target_met_
+    assert tuner.validation_recall_ is not None
     # independent check of the validation recall: exact search by numpy, then overlap counting
     c = CORPUS / np.linalg.norm(CORPUS, axis=1, keepdims=True)
     q = check_q / np.linalg.norm(check_q, axis=1, keepdims=True)

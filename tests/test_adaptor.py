@@ -155,3 +155,42 @@ def test_listwise_term_matches_an_independent_computation() -> None:
         ym = truncate_numpy(y, m, normalize=True)
         want += w * float(np.abs(ym @ ym.T - xn @ xn.T).mean())
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def pca_rotation(x: np.ndarray) -> np.ndarray:
+    """Uncentred PCA basis of unit rows: ``(d, d)``, columns by decreasing variance."""
+    xn = truncate_numpy(x, x.shape[1], normalize=True).astype(np.float64)
+    _, _, vt = np.linalg.svd(xn, full_matrices=False)
+    return vt.T
+
+
+def test_orthogonal_adaptor_keeps_full_size_cosines_and_nests_prefixes_beyond_pca(
+    tmp_path: Path,
+) -> None:
+    x, _ = blobs(400)
+    ad = MatryoshkaAdaptor(
+        NEST, epochs=10, batch_size=200, lr=3e-3, progress=False, orthogonal=True
+    ).fit(x)
+    y = ad.transform(x, normalize=False)
+    xn = truncate_numpy(x, 32, normalize=True)
+    # a rotation: every full-size cosine (and norm) is the base model's own
+    np.testing.assert_allclose(
+        truncate_numpy(y, 32, True) @ truncate_numpy(y, 32, True).T, xn @ xn.T, atol=1e-5
+    )
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
+    r = ad.net_.rotation.detach().double().numpy()  # type: ignore[union-attr]
+    np.testing.assert_allclose(r.T @ r, np.eye(32), atol=1e-5)
+    # its prefixes rank neighbours more like the full vectors than PCA's (its starting point)
+    pca = xn @ pca_rotation(x)
+    for m in (4, 8):
+        assert prefix_listwise_kl(y, x, m) < prefix_listwise_kl(pca, x, m)
+    # saved and loaded, it maps the same way
+    ad.save(tmp_path / "rot")
+    back = MatryoshkaAdaptor.load(tmp_path / "rot")
+    assert back.orthogonal
+    np.testing.assert_array_equal(back.transform(x), ad.transform(x))
+
+
+def test_orthogonal_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match=r"orthogonal='yes' must be True or False"):
+        MatryoshkaAdaptor(NEST, orthogonal="yes")  # type: ignore[arg-type]

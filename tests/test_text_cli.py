@@ -178,6 +178,23 @@ def test_supervised_adaptor_fit_from_pair_files(
     assert not np.allclose(sup.transform(np.load(x)), plain.transform(np.load(x)), atol=1e-4)
 
 
+def test_orthogonal_adaptor_fit_from_the_cli_keeps_full_size_cosines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x = tmp_path / "x.npy"
+    np.save(x, blobs(96, d=32))
+    stem = tmp_path / "rot"
+    argv = ["adaptor", "fit", "--embeddings", str(x), "--sizes", "8", "32", "--out", str(stem)]
+    assert (
+        run([*argv, "--epochs", "2", "--batch-size", "32", "--orthogonal", "--quiet"], capsys)[0]
+        == 0
+    )
+    rot = MatryoshkaAdaptor.load(stem)
+    assert rot.orthogonal
+    y, xn = rot.transform(np.load(x)), truncate_numpy(np.load(x), 32, normalize=True)
+    np.testing.assert_allclose(y @ y.T, xn @ xn.T, atol=1e-5)
+
+
 @needs_text
 def test_embed_reports_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     texts = tmp_path / "t.txt"

@@ -333,6 +333,7 @@ def cmd_adaptor_fit(args: argparse.Namespace) -> int:
             reg=args.reg,
             seed=args.seed,
             progress=args.progress,
+            orthogonal=args.orthogonal,
         )
         if pairs is None:
             adaptor.fit(x)
@@ -465,6 +466,11 @@ def _add_adaptor(p_ad: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument(
         "--reg", type=float, default=0.0, help="weight pulling the map towards its PCA start"
+    )
+    p.add_argument(
+        "--orthogonal",
+        action="store_true",
+        help="learn a rotation only: full-size cosines stay the base model's (for funnels)",
     )
     p.add_argument("--queries", default=None, help="supervised: (P, d) .npy of query embeddings")
     p.add_argument(

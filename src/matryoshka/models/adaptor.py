@@ -19,6 +19,16 @@ Unsupervised loss, per prefix size ``m`` (weights from the nesting), on batches 
 * top-k (off by default): the pairwise error over each row's ``top_k`` nearest neighbours;
 * ``reg * |f(x) - x R_0|^2`` keeping the map near its start.
 
+``orthogonal=True`` learns the rotation alone (``f(x) = x R`` with ``R`` kept exactly orthogonal
+by ``torch.nn.utils.parametrizations.orthogonal``, from the same PCA start, same losses): every
+full-size cosine is unchanged, so the full-size results of a search over adapted vectors are the
+base model's own, while the prefixes get more nested than PCA's. That is the variant a funnel
+wants: shortlist with an adapted prefix, rerank at full size, and the reference is the base
+model's exact search. (On 117k MiniLM WordNet definitions, with 1,000 usage-example queries: a
+64-d exact shortlist of k' = 200 reranked at full size recovers 0.936 of the top-10 after PCA and
+0.958 after the rotation fitted on 20k rows, 4 epochs; ``benchmarks/retrieval.py
+--adaptor-orthogonal`` measures it beside PCA.)
+
 On WordNet (MiniLM, 20k training synsets) the listwise term is what lifts the unsupervised
 adaptor above PCA at 8 and 16 dims (nDCG@10 11.1 vs 6.6 at 8 dims; pairwise + top-k alone
 stayed below PCA there). Optional supervised mode: ``fit(embeddings, queries=q, documents=d)`` adds the fused
@@ -38,6 +48,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import nn
+from torch.nn.utils.parametrizations import orthogonal as orthogonal_map
 from tqdm.auto import tqdm
 
 from matryoshka._validate import as_embeddings, check_nesting, positive_int
@@ -89,6 +100,8 @@ class MatryoshkaAdaptor:
         temperature: of that InfoNCE term.
         seed: seeds the initialisation and the batch order.
         progress: show a progress bar while fitting.
+        orthogonal: learn an orthogonal rotation only (no MLP): full-size cosines are kept
+            exactly, only the order of information along the coordinates changes.
 
     After :meth:`fit`: ``net_`` (the torch module), ``history_`` (mean loss per epoch).
     """
@@ -110,6 +123,7 @@ class MatryoshkaAdaptor:
         pairwise_weight: float = 1.0,
         listwise_weight: float = 1.0,
         listwise_temperature: float = 0.05,
+        orthogonal: bool = False,
     ) -> None:
         check_nesting(nesting, "MatryoshkaAdaptor(Nesting.doubling(8, 384))")
         for name, value in (("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size)):
@@ -153,6 +167,9 @@ class MatryoshkaAdaptor:
         self.pairwise_weight = pairwise_weight
         self.listwise_weight = listwise_weight
         self.listwise_temperature = float(listwise_temperature)
+        if not isinstance(orthogonal, bool):
+            raise ValueError(f"orthogonal={orthogonal!r} must be True or False.")
+        self.orthogonal = orthogonal
         self.net_: _AdaptorNet | None = None
         self.history_: list[float] = []
 
@@ -174,6 +191,7 @@ class MatryoshkaAdaptor:
             "pairwise_weight": self.pairwise_weight,
             "listwise_weight": self.listwise_weight,
             "listwise_temperature": self.listwise_temperature,
+            "orthogonal": self.orthogonal,
         }
 
     def _similarity_loss(
@@ -239,10 +257,15 @@ class MatryoshkaAdaptor:
             _, _, vh = torch.linalg.svd(sub.double(), full_matrices=sub.shape[0] < d)
             net.rotation.copy_(vh.T.float())
         r0 = net.rotation.detach().clone()
+        model: nn.Module = net
+        if self.orthogonal:  # the rotation alone, kept orthogonal; copied into net at the end
+            model = orthogonal_map(nn.Linear(d, d, bias=False))
+            with torch.no_grad():
+                model.weight = r0.T.contiguous()  # Linear computes x W^T = x R
         weights = torch.tensor(self.nesting.weights)
         weights = weights / weights.sum()
         nce = MatryoshkaContrastiveLoss(self.nesting, temperature=self.temperature)
-        opt = torch.optim.Adam(net.parameters(), lr=self.lr)
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr)
         n = xt.shape[0]
         steps = max(1, n // self.batch_size)
         bar = tqdm(total=self.epochs * steps, desc="fit adaptor", disable=not self.progress)
@@ -252,13 +275,13 @@ class MatryoshkaAdaptor:
             total = 0.0
             for s in range(steps):
                 xb = xt[perm[s * self.batch_size : (s + 1) * self.batch_size]]  # (B, d)
-                yb = net(xb)
+                yb = model(xb)
                 loss = self._similarity_loss(yb, xb @ xb.T, weights)
                 if self.reg > 0:
                     loss = loss + self.reg * (yb - xb @ r0).square().sum(1).mean()
                 if pairs is not None:
                     idx = torch.randint(0, pairs[0].shape[0], (self.batch_size,), generator=gen)
-                    out = nce(net(pairs[0][idx]), net(pairs[1][idx]))
+                    out = nce(model(pairs[0][idx]), model(pairs[1][idx]))
                     loss = loss + self.supervised_weight * out.loss / weights.numel()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -268,6 +291,9 @@ class MatryoshkaAdaptor:
             self.history_.append(total / steps)
             bar.set_postfix(loss=f"{self.history_[-1]:.4f}")
         bar.close()
+        if self.orthogonal:  # f(x) = x R exactly: the MLP's zero output layer stays zero
+            with torch.no_grad():
+                net.rotation.copy_(model(torch.eye(d)))  # rows of I R: the rotation itself
         net.eval()
         self.net_ = net
         return self
