@@ -300,19 +300,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # the funnel reranks from a memory-mapped .npy, as deployed (page cache warm after 1st run)
         corpus_path = Path(tmp.name) / f"{space}.npy"
         np.save(corpus_path, xc)
-        for m_s in args.shortlist_sizes:
-            ex, eb = build("exact", m_s, xc)
+        flat = [("exact", "exact", m) for m in args.shortlist_sizes]
+        flat += [("faiss-flat", "FAISS flat", m) for m in args.faiss_flat_shortlist_sizes]
+        for backend, label, m_s in flat:
+            ex, eb = build(backend, m_s, xc)
             for kp in args.shortlist_ks:
                 fr = FunnelRetriever(m_s, kp, index=ex).fit(corpus_path)
                 (_, ids), secs = timed(lambda fr=fr, xq=xq: fr.search(xq, k), reps)
                 add_row(
-                    f"funnel exact m_s={m_s} k'={kp} -> {d}",
+                    f"funnel {label} m_s={m_s} k'={kp} -> {d}",
                     space,
                     ids,
                     secs,
                     shortlist_size=m_s,
                     shortlist_k=kp,
-                    backend="exact",
+                    backend=backend,
                     bytes_per_query=n * m_s * 4 + fr.rerank_bytes_per_query(k),
                     index_bytes=ex.nbytes,
                     build_s=eb,
@@ -794,6 +796,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shortlist-sizes", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--hnsw-shortlist-sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument(
+        "--faiss-flat-shortlist-sizes",
+        type=int,
+        nargs="*",
+        default=[64, 128],
+        help="exact shortlists scanned by FAISS IndexFlatIP instead of torch (none: skip)",
+    )
     p.add_argument("--shortlist-ks", type=int, nargs="+", default=[50, 100, 200, 400])
     p.add_argument(
         "--hnsw-m", type=int, default=HNSW_M, help="HNSW graph degree (the library's default)"
