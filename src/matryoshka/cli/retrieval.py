@@ -13,6 +13,8 @@ Vector databases (the funnel runs inside them; see :mod:`matryoshka.retrieval.ve
 
     mrl index build corpus.npy --backend milvus --uri ./corpus.db --collection wordnet --dim 64
     mrl index build corpus.npy --backend pgvector --uri postgresql://u:p@host/db --dim 64
+    mrl index build corpus.npy --backend milvus ... --resume     # finish an interrupted build
+    mrl index build corpus.npy --backend milvus ... --overwrite  # drop and rebuild
     mrl search --backend milvus --uri ./corpus.db --collection wordnet --queries q.npy \\
         --shortlist-k 200 --rerank 128 384
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -70,8 +73,21 @@ def _db_open(args: argparse.Namespace, **kwargs: Any) -> Any:
 
 
 def _db_build(args: argparse.Namespace) -> int:
-    """``mrl index build --backend milvus|pgvector``: ingest ``(N, d)`` embeddings, ``m_s = --dim``."""
+    """``mrl index build --backend milvus|pgvector``: ingest ``(N, d)`` embeddings, ``m_s = --dim``.
+
+    Crash-safe (:meth:`~matryoshka.retrieval.vectordb.DatabaseFunnel.ingest`): ids are row
+    numbers; the store is marked complete only once every row is written and the HNSW index is
+    built. An existing store needs ``--resume`` (continue from the rows written) or
+    ``--overwrite`` (drop and rebuild)."""
+    from matryoshka.retrieval.vectordb import StoreExistsError
+
     try:
+        if args.resume and args.overwrite:
+            raise ValueError(
+                "--resume and --overwrite exclude each other: pass --resume to continue an "
+                "interrupted build from the rows already written, or --overwrite to drop the "
+                "store and rebuild it."
+            )
         x = _load_npy(args.embeddings, "embeddings", mmap=True)
         store = _db_open(
             args,
@@ -83,13 +99,54 @@ def _db_build(args: argparse.Namespace) -> int:
             ef_construction=args.ef_construction,
             batch_size=min(args.batch_size, 8192),
             progress=args.progress,
+            overwrite=args.overwrite,
         )
         with store:
-            store.add(x, ids=np.arange(x.shape[0]))  # ids = row numbers, as in the file indexes
+            try:
+                store.ingest(x, resume=args.resume, source=str(Path(args.embeddings).resolve()))
+            except StoreExistsError as e:
+                if e.complete:
+                    state = f"it is complete, with {e.rows} rows: search it with `mrl search`, or"
+                else:
+                    state = (
+                        f"its build is incomplete, {e.rows} of {e.expected} rows: pass --resume "
+                        "to continue it from the rows already written (same embeddings and "
+                        "options), or"
+                    )
+                raise ValueError(
+                    f"{e.where} already exists; {state} pass --overwrite to drop it and rebuild."
+                ) from None
             print(f"wrote {store.where}: {store.ntotal} items, {store}")
     except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:
         return fail(str(e))
     return 0
+
+
+def _finish_command(e: Any) -> str:
+    """The ``mrl index build`` command that finishes the incomplete store of ``e``
+    (an :class:`~matryoshka.retrieval.vectordb.IncompleteStoreError`), from its header."""
+    h = e.header
+    words = ["mrl", "index", "build", h.get("source") or "EMBEDDINGS.npy"]
+    words += ["--backend", e.backend, "--uri", e.uri, "--collection", e.name]
+    words += ["--dim", str(h["shortlist_size"]), "--model-name", str(h["model_name"])]
+    if not h["normalize"]:
+        words.append("--no-normalize")
+    if int(h["hnsw_m"]) != HNSW_M:
+        words += ["--hnsw-m", str(h["hnsw_m"])]
+    if int(h["ef_construction"]) != EF_CONSTRUCTION:
+        words += ["--ef-construction", str(h["ef_construction"])]
+    return shlex.join(words)
+
+
+def _incomplete_message(e: Any) -> str:
+    """``mrl search`` on an incomplete store: how many rows, and the commands that finish it."""
+    command = _finish_command(e)
+    return (
+        f"{e.where} is incomplete: {e.rows} of {e.expected} rows were written and its HNSW "
+        f"index is not built (its `mrl index build` was interrupted, or is still running), so "
+        f"it cannot be searched. Finish it with\n  {command} --resume\n(continues from the "
+        f"rows already written), or rebuild it with\n  {command} --overwrite"
+    )
 
 
 def _db_search(args: argparse.Namespace) -> Any:
@@ -117,6 +174,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     """``mrl index build``: embeddings ``.npy`` ``(N, d)`` -> saved index over prefixes ``:dim``."""
     if args.backend in DB_BACKENDS:
         return _db_build(args)
+    if args.resume or args.overwrite:
+        flag = "--resume" if args.resume else "--overwrite"
+        return fail(
+            f"{flag} applies to --backend milvus|pgvector: an index file is written whole "
+            f"(atomically) once built, so a killed build leaves no file to resume; drop {flag}."
+        )
     try:
         x = _load_npy(args.embeddings, "embeddings", mmap=True)
         dim = args.dim if args.dim is not None else x.shape[1]
@@ -232,6 +295,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     dimension does not fit the index (or the funnel corpus); ``--allow-model-mismatch`` lets the
     model checks pass with a warning.
     """
+    from matryoshka.retrieval.vectordb import IncompleteStoreError
+
     funnel_dim: int | None = None
     try:
         if args.backend in DB_BACKENDS:
@@ -267,6 +332,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         if args.backend not in DB_BACKENDS:
             _check_query_dim(q, index, funnel_dim)
         scores, ids = search(q, args.k)
+    except IncompleteStoreError as e:
+        return fail(_incomplete_message(e))
     except (ValueError, FileNotFoundError, ImportError, ConnectionError) as e:
         return fail(str(e))
     if args.out and args.out.endswith(".npz"):
@@ -318,6 +385,14 @@ def _add_index(p_index: argparse.ArgumentParser) -> None:
     add_deprecated_alias(p, "--batch", "--batch-size", dest="batch_size", type=int)
     add_deprecated_alias(p, "--quiet", "--no-progress", dest="progress", const=False)
     _add_db_arguments(p)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="vector DB: continue an interrupted build from the rows already written",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="vector DB: drop an existing store and rebuild"
+    )
     p.set_defaults(func=cmd_index_build)
 
 
