@@ -9,6 +9,15 @@
         --shortlist-k 200 --rerank 384        # funnel: shortlist from the index, rerank at 384
     mrl search --index corpus-64.index --interactive   # one vector per stdin line
 
+A funnel saved as one artefact (:class:`~matryoshka.retrieval.funnel.FunnelRetriever`): a
+shortlist index on the ``--dim`` prefix (any ``--backend``: exact, FAISS, or the quantized codes
+binary / binary-hnsw / sq8 / rabitq), ``k'``, the rerank chain, and the full-size rerank matrix
+memory-mapped (``--rerank-dtype float32|float16|int8``):
+
+    mrl index build corpus.npy --kind funnel --dim 64 --backend binary --shortlist-k 400 \
+        --rerank 128 384 --rerank-dtype int8 --model-name all-MiniLM-L6-v2 --out corpus.funnel
+    mrl search --index corpus.funnel --queries q.npy --k 10 --out hits.jsonl
+
 Vector databases (the funnel runs inside them; see :mod:`matryoshka.retrieval.vectordb`):
 
     mrl index build corpus.npy --backend milvus --uri ./corpus.db --collection wordnet --dim 64
@@ -41,6 +50,7 @@ from matryoshka.retrieval.index import (
     load_index,
     make_index,
 )
+from matryoshka.retrieval.prefixes import RERANK_DTYPES
 
 DB_BACKENDS = (
     "milvus",
@@ -156,7 +166,7 @@ def _db_search(args: argparse.Namespace) -> Any:
     ``--allow-model-mismatch`` it is opened unchecked and a mismatch is only a warning."""
     allow = bool(args.allow_model_mismatch)
     kwargs: dict[str, Any] = {"model_name": None if allow else args.model_name}
-    kwargs["shortlist_k"] = args.shortlist_k
+    kwargs["shortlist_k"] = args.shortlist_k if args.shortlist_k is not None else 200
     kwargs["rerank"] = tuple(args.rerank) if args.rerank else None
     if args.ef_search is not None:
         kwargs["ef_search"] = args.ef_search
@@ -170,8 +180,78 @@ def _db_search(args: argparse.Namespace) -> Any:
     return store.search
 
 
+#: ``mrl index build`` flags that only a funnel (``--kind funnel``) takes
+_FUNNEL_FLAGS = ("shortlist_k", "rerank", "keep", "rerank_dtype", "copy_matrix")
+
+
+def _shortlist_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--backend``'s parameters from the command line (HNSW beams, IVF cells)."""
+    if args.backend in ("faiss-hnsw", "binary-hnsw"):
+        params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction}
+        return {**params, "ef_search": args.ef_search}
+    if args.backend == "faiss-ivf":
+        return {"nlist": args.nlist, "nprobe": args.nprobe}
+    return {}
+
+
+def _funnel_build(args: argparse.Namespace) -> int:
+    """``mrl index build --kind funnel``: shortlist index on the ``--dim`` prefix + rerank matrix,
+    saved as one checked folder (:meth:`FunnelRetriever.save`)."""
+    from matryoshka.retrieval.funnel import MATRIX_FILE, FunnelRetriever
+
+    try:
+        if args.backend in DB_BACKENDS:
+            raise ValueError(
+                f"--kind funnel saves a funnel artefact (a folder); --backend {args.backend} "
+                f"builds the funnel inside the database: drop --kind funnel, or pick a shortlist "
+                f"backend from {list(BACKENDS)}."
+            )
+        x = _load_npy(args.embeddings, "embeddings", mmap=True)  # checks the shape
+        m_s = args.dim if args.dim is not None else int(x.shape[1])
+        dtype = args.rerank_dtype or "float32"
+        out = Path(args.out or Path(args.embeddings).with_suffix(f".m{m_s}.funnel"))
+        if out.exists() and not out.is_dir():
+            raise ValueError(
+                f"--out {str(out)!r} is a file: a funnel is saved as a folder; give a folder "
+                f"path (created if missing)."
+            )
+        fr = FunnelRetriever(
+            m_s,
+            args.shortlist_k if args.shortlist_k is not None else 200,
+            tuple(args.rerank) if args.rerank else None,
+            tuple(args.keep) if args.keep else None,
+            backend=args.backend,
+            index_params=_shortlist_params(args),
+            normalize=args.normalize,
+            model_name=_build_model_name(args),
+            rerank_dtype=dtype,
+            # a float32 matrix is the corpus file itself, read in place (or copied at save)
+            rerank_path=None if dtype == "float32" else out / MATRIX_FILE,
+        ).fit(args.embeddings)  # the path: fit maps it (an array would lose its file name)
+        out = fr.save(out, copy_matrix=bool(args.copy_matrix))
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        return fail(str(e))
+    n = fr.ntotal
+    print(
+        f"wrote {out}: {fr!r} over {n} vectors of size {fr.dim}, "
+        f"{fr.nbytes / n:.0f} B/vector in memory + {fr.mapped_bytes / n:.0f} B/vector "
+        f"memory-mapped ({fr.prefixes_.dtype} rerank matrix)"
+    )
+    return 0
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
-    """``mrl index build``: embeddings ``.npy`` ``(N, d)`` -> saved index over prefixes ``:dim``."""
+    """``mrl index build``: embeddings ``.npy`` ``(N, d)`` -> saved index over prefixes ``:dim``
+    (``--kind index``), a saved funnel (``--kind funnel``), or a vector-database store."""
+    if args.kind == "funnel":
+        return _funnel_build(args)
+    given = [f"--{n.replace('_', '-')}" for n in _FUNNEL_FLAGS if getattr(args, n) is not None]
+    if given:
+        return fail(
+            f"{', '.join(given)} applies to a funnel: pass --kind funnel to build one (a "
+            f"shortlist index on the --dim prefix plus the rerank matrix), or drop "
+            f"{', '.join(given)}."
+        )
     if args.backend in DB_BACKENDS:
         return _db_build(args)
     if args.resume or args.overwrite:
@@ -183,12 +263,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     try:
         x = _load_npy(args.embeddings, "embeddings", mmap=True)
         dim = args.dim if args.dim is not None else x.shape[1]
-        params: dict[str, Any] = {}
-        if args.backend == "faiss-hnsw":
-            params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction}
-            params["ef_search"] = args.ef_search
-        elif args.backend == "faiss-ivf":
-            params = {"nlist": args.nlist, "nprobe": args.nprobe}
+        params = _shortlist_params(args)
         index = make_index(
             args.backend,
             dim,
@@ -276,8 +351,8 @@ def _check_query_dim(q: np.ndarray, index: Any, funnel_dim: int | None) -> None:
     d = int(q.shape[-1])
     if funnel_dim is not None and d != funnel_dim:
         raise ValueError(
-            f"the queries have dimension {d} but --funnel-corpus holds {funnel_dim}-d vectors: "
-            f"pass (Q, {funnel_dim}) queries from the corpus's model."
+            f"the queries have dimension {d} but the funnel's corpus holds {funnel_dim}-d "
+            f"vectors: pass (Q, {funnel_dim}) full-size queries from the corpus's model."
         )
     if d < int(index.dim):
         raise ValueError(
@@ -287,13 +362,46 @@ def _check_query_dim(q: np.ndarray, index: Any, funnel_dim: int | None) -> None:
         )
 
 
+def _is_funnel(path: str) -> bool:
+    """Whether ``path`` is a funnel folder written by ``mrl index build --kind funnel``."""
+    from matryoshka.retrieval.funnel import HEADER_FILE
+
+    return Path(path).is_dir() and (Path(path) / HEADER_FILE).is_file()
+
+
+def _load_funnel(args: argparse.Namespace) -> Any:
+    """The funnel artefact of ``--index`` (every part verified by :meth:`FunnelRetriever.load`);
+    its ``k'``, chain and rerank dtype are fixed at build, so the search-time funnel flags are
+    refused."""
+    from matryoshka.retrieval.funnel import FunnelRetriever
+
+    given = [
+        flag
+        for flag, value in (
+            ("--funnel-corpus", args.funnel_corpus),
+            ("--shortlist-k", args.shortlist_k),
+            ("--rerank", args.rerank),
+        )
+        if value is not None
+    ]
+    fr = FunnelRetriever.load(args.index)
+    if given:
+        raise ValueError(
+            f"--index {args.index} is a funnel built with shortlist_k={fr.spec_.shortlist_k}, "
+            f"rerank={list(fr.chain_)} over its own rerank matrix: drop {', '.join(given)}, or "
+            f"rebuild it with `mrl index build --kind funnel` and the funnel you want."
+        )
+    return fr
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     """``mrl search``: batch (``--queries q.npy``) or ``--interactive`` (a vector per line).
 
-    Exits 2 when the index was built for another model than the queries' (``--model-name``,
-    else the queries' ``mrl embed`` sidecar), for model ``"unknown"``, or when the queries'
-    dimension does not fit the index (or the funnel corpus); ``--allow-model-mismatch`` lets the
-    model checks pass with a warning.
+    ``--index`` is an index file or a funnel folder (``mrl index build --kind funnel``). Exits 2
+    when the index was built for another model than the queries' (``--model-name``, else the
+    queries' ``mrl embed`` sidecar), for model ``"unknown"``, or when the queries' dimension does
+    not fit the index (or the funnel's corpus); ``--allow-model-mismatch`` lets the model checks
+    pass with a warning.
     """
     from matryoshka.retrieval.vectordb import IncompleteStoreError
 
@@ -304,6 +412,11 @@ def cmd_search(args: argparse.Namespace) -> int:
             index: Any = f"{args.backend} store {args.collection!r} at {args.uri!r}"
         elif not args.index:
             return fail("pass --index FILE, or --backend milvus|pgvector --uri URI.")
+        elif _is_funnel(args.index):
+            index = _load_funnel(args)
+            _check_index_model(args, index)
+            funnel_dim = int(index.dim)
+            search = index.search
         else:
             index = load_index(args.index)
             _check_index_model(args, index)
@@ -312,9 +425,10 @@ def cmd_search(args: argparse.Namespace) -> int:
             from matryoshka.retrieval.funnel import FunnelRetriever
 
             rerank = tuple(args.rerank) if args.rerank else None
-            fr = FunnelRetriever(
-                index.dim, args.shortlist_k, rerank, index=index, normalize=index.normalize
-            ).fit(args.funnel_corpus)
+            kp = args.shortlist_k if args.shortlist_k is not None else 200
+            fr = FunnelRetriever(index.dim, kp, rerank, index=index, normalize=index.normalize).fit(
+                args.funnel_corpus
+            )
             funnel_dim = int(fr.dim)
             search = fr.search
         if args.interactive:
@@ -362,14 +476,33 @@ def _add_index(p_index: argparse.ArgumentParser) -> None:
     index_sub = p_index.add_subparsers(dest="index_command", required=True)
     p = index_sub.add_parser("build", help="index an (N, d) embeddings .npy at prefix size --dim")
     p.add_argument("embeddings", help="(N, d) float .npy (read memory-mapped)")
-    p.add_argument("--dim", type=int, default=None, help="prefix size m to index (default: d)")
-    p.add_argument("--backend", choices=BACKENDS + DB_BACKENDS, default="exact")
+    p.add_argument(
+        "--kind",
+        choices=("index", "funnel"),
+        default="index",
+        help="index: one index over the --dim prefix; funnel: that index as the shortlist of a "
+        "funnel (k', rerank chain, rerank matrix) saved as one folder",
+    )
+    p.add_argument(
+        "--dim", type=int, default=None, help="prefix size m to index (funnel: m_s; default: d)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS + DB_BACKENDS,
+        default="exact",
+        help="index engine (funnel: the shortlist engine or code: binary, sq8, rabitq, ...)",
+    )
     p.add_argument(
         "--model-name",
         default=None,
         help="embedding model, saved in the header (default: the embeddings' mrl embed sidecar)",
     )
-    p.add_argument("--out", default=None, help="index file (default: EMBEDDINGS.m<dim>.index)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="index file (default: EMBEDDINGS.m<dim>.index) or funnel folder (EMBEDDINGS.m<dim>"
+        ".funnel)",
+    )
     p.add_argument(
         "--normalize", action=argparse.BooleanOptionalAction, default=True, help="cosine"
     )
@@ -384,6 +517,31 @@ def _add_index(p_index: argparse.ArgumentParser) -> None:
     )
     add_deprecated_alias(p, "--batch", "--batch-size", dest="batch_size", type=int)
     add_deprecated_alias(p, "--quiet", "--no-progress", dest="progress", const=False)
+    f = p.add_argument_group("funnel (--kind funnel)")
+    f.add_argument("--shortlist-k", type=int, default=None, help="shortlist size k' (default 200)")
+    f.add_argument(
+        "--rerank",
+        type=int,
+        nargs="+",
+        default=None,
+        help="rerank sizes m_1 < ... <= d (default d)",
+    )
+    f.add_argument(
+        "--keep", type=int, nargs="+", default=None, help="candidates kept per stage but the last"
+    )
+    f.add_argument(
+        "--rerank-dtype",
+        choices=RERANK_DTYPES,
+        default=None,
+        help="storage of the memory-mapped rerank matrix (default float32: the corpus file itself)",
+    )
+    f.add_argument(
+        "--copy-matrix",
+        action="store_const",
+        const=True,
+        default=None,
+        help="float32: copy the corpus into the folder instead of referencing its path",
+    )
     _add_db_arguments(p)
     p.add_argument(
         "--resume",
@@ -413,7 +571,9 @@ def _add_search(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--interactive", action="store_true", help="read query vectors from stdin")
     p.add_argument("--funnel-corpus", default=None, help="(N, d) .npy: rerank through a funnel")
-    p.add_argument("--shortlist-k", type=int, default=200, help="funnel shortlist size k'")
+    p.add_argument(
+        "--shortlist-k", type=int, default=None, help="funnel shortlist size k' (default 200)"
+    )
     p.add_argument("--rerank", type=int, nargs="+", default=None, help="funnel rerank sizes")
     p.add_argument("--backend", choices=DB_BACKENDS, default=None, help="search a vector DB")
     p.add_argument("--ef-search", type=int, default=None, help="vector DB: HNSW search beam")
