@@ -358,3 +358,28 @@ def test_cli_flag_errors(
     assert run_cli(["index", "build", str(x_npy), "--resume", *out]) == 2
     assert "--resume applies to --backend milvus|pgvector" in capsys.readouterr().err
     assert not (tmp_path / "x.index").exists()
+
+
+def test_finish_command_hides_the_password(
+    files: tuple[Path, Path, np.ndarray, np.ndarray],
+    pg_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The commands printed for an incomplete table never show the URL's password (pgserver
+    trusts local connections, so a URL with one connects as well)."""
+    _, q_npy, x, _ = files
+    url = pg_url.replace("postgres:@", "postgres:s3cret@")
+    assert url != pg_url
+    _interrupted("pgvector", url, "secret_t", x[:200], 100).close()
+    capsys.readouterr()
+    assert run_cli(["search", "--queries", str(q_npy), *_db("pgvector", url, "secret_t")]) == 2
+    err = capsys.readouterr().err
+    assert "is incomplete: 100 of 200 rows" in err
+    assert "--uri 'postgresql://postgres:***@" in err
+    assert "(put the password back in --uri)" in err
+    assert "s3cret" not in err
+    # --interactive is refused on opening, before it reads a query from stdin
+    assert run_cli(["search", "--interactive", *_db("pgvector", url, "secret_t")]) == 2
+    assert "is incomplete: 100 of 200 rows" in capsys.readouterr().err
+    with open_vectordb("pgvector", url, "secret_t") as store:
+        store.drop()

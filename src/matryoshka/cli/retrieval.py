@@ -156,6 +156,7 @@ def _incomplete_message(e: Any) -> str:
         f"index is not built (its `mrl index build` was interrupted, or is still running), so "
         f"it cannot be searched. Finish it with\n  {command} --resume\n(continues from the "
         f"rows already written), or rebuild it with\n  {command} --overwrite"
+        + ("\n(put the password back in --uri)" if ":***@" in e.uri else "")
     )
 
 
@@ -171,6 +172,7 @@ def _db_search(args: argparse.Namespace) -> Any:
     if args.ef_search is not None:
         kwargs["ef_search"] = args.ef_search
     store = _db_open(args, **kwargs)
+    store.check_complete()  # before the first query (--interactive reads them one by one)
     if allow and args.model_name and store.model_name != args.model_name:
         print(
             f"mrl search: warning: model_name={args.model_name!r} but {store.where} holds "

@@ -301,7 +301,7 @@ class DatabaseFunnel(ABC):
         n = self.header_.get("expected_rows")
         return None if n is None else int(n)
 
-    def _check_complete(self) -> None:
+    def check_complete(self) -> None:
         """Raise :class:`IncompleteStoreError` if a build of this store did not finish."""
         if self.complete:
             return
@@ -428,7 +428,7 @@ class DatabaseFunnel(ABC):
 
     def add(self, vectors: Any, ids: Any = None) -> np.ndarray:
         """Insert ``(n, d)`` embeddings under new ``ids`` (default: after the largest id); the ids."""
-        self._check_complete()
+        self.check_complete()
         x = self._vectors(vectors, "vectors")
         if ids is None:
             start = self._next_id()
@@ -440,7 +440,7 @@ class DatabaseFunnel(ABC):
 
     def upsert(self, vectors: Any, ids: Any) -> DatabaseFunnel:
         """Insert or replace ``(n, d)`` embeddings by id. Returns self."""
-        self._check_complete()
+        self.check_complete()
         x = self._vectors(vectors, "vectors")
         self._write(x, self._ids(ids, x.shape[0]), upsert=True)
         return self
@@ -452,7 +452,7 @@ class DatabaseFunnel(ABC):
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` through the funnel: ``(Q, d) -> scores (Q, k) float32, ids (Q, k) int64``."""
-        self._check_complete()
+        self.check_complete()
         k = positive_int(k, "k")
         spec = self.spec
         positive_int(self.ef_search, "ef_search")

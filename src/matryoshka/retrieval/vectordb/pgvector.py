@@ -47,8 +47,8 @@ def _import() -> tuple[Any, Any, Any]:
 
 
 def _redact(url: str) -> str:
-    """The URL without its password."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """The URL without its password (an empty one stays empty)."""
+    return re.sub(r"(://[^:/@]*:)[^@]+@", r"\1***@", url)
 
 
 class PgvectorFunnel(DatabaseFunnel):
