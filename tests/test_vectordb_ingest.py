@@ -166,6 +166,16 @@ def _exact_top10(x: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.argsort(-(qn @ xn.T), axis=1, kind="stable")[:, :10]
 
 
+def _has_ann_index(store: DatabaseFunnel) -> bool:
+    """Whether the store's table/collection has its HNSW index, asked of the database itself."""
+    if store.backend == "pgvector":
+        rows = store._conn.execute(  # type: ignore[attr-defined]
+            "SELECT indexdef FROM pg_indexes WHERE tablename = %s", (store.name,)
+        ).fetchall()
+        return any("hnsw" in r[0] for r in rows)
+    return "short_prefix" in store._client.list_indexes(store.name)  # type: ignore[attr-defined]
+
+
 # -- the kill tests ------------------------------------------------------------------------------
 def test_killed_build_is_refused_then_resumed(
     files: tuple[Path, Path, np.ndarray, np.ndarray],
@@ -183,6 +193,7 @@ def test_killed_build_is_refused_then_resumed(
         assert seen <= rows <= N
         assert not store.complete
         assert store.expected_rows == N
+        assert not _has_ann_index(store)  # built once, after the last row
     capsys.readouterr()
 
     # searching is refused, with the counts and the two commands that finish the build
@@ -208,6 +219,7 @@ def test_killed_build_is_refused_then_resumed(
     with open_vectordb(backend, uri, "killed") as store:
         assert store.complete
         assert store.ntotal == N
+        assert _has_ann_index(store)
         np.testing.assert_array_equal(store._present(N + 100), np.arange(N))  # no id twice
         np.testing.assert_array_equal(store._fetch(np.arange(N)), x)  # every row as in the file
     # the same answers through the HNSW index as a build that was never killed

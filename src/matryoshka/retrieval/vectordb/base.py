@@ -373,6 +373,8 @@ class DatabaseFunnel(ABC):
         self._store_header()
         self.created_ = False  # from here on the store holds a build: a second ingest resumes
         todo = np.setdiff1d(np.arange(n, dtype=np.int64), present, assume_unique=True)
+        if todo.size:
+            self._before_rows()
         step = max(1, self.batch_size)
         with tqdm(
             total=n,
@@ -524,6 +526,12 @@ class DatabaseFunnel(ABC):
     def _write_batch(self, x: np.ndarray, ids: np.ndarray) -> None:
         """Insert one batch ``(b, d)`` under ``(b,)`` ids known to be absent (one request or
         transaction: after a crash a batch is there whole or not at all, or row by row)."""
+
+    def _before_rows(self) -> None:
+        """Before :meth:`ingest` writes rows: e.g. drop an ANN index a resumed store may hold,
+        so that :meth:`_finish` builds it once over all rows instead of inserting into it.
+        Nothing by default."""
+        return None
 
     @abstractmethod
     def _finish(self, n: int) -> None:

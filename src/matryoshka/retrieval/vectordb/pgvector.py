@@ -184,13 +184,17 @@ class PgvectorFunnel(DatabaseFunnel):
             self._q("COMMENT ON TABLE {t} IS {h}", h=self._sql.Literal(self._header_json()))
         )
 
+    @property
+    def _index_name(self) -> Any:
+        return self._sql.Identifier(f"{self.name}_short_hnsw")
+
     def _ensure_index(self) -> None:
         lit = self._sql.Literal
         self._conn.execute(
             self._q(
                 "CREATE INDEX IF NOT EXISTS {ix} ON {t} USING hnsw (short_prefix vector_ip_ops) "
                 "WITH (m = {m}, ef_construction = {ef})",
-                ix=self._sql.Identifier(f"{self.name}_short_hnsw"),
+                ix=self._index_name,
                 m=lit(self.header_["hnsw_m"]),
                 ef=lit(self.header_["ef_construction"]),
             )
@@ -266,6 +270,10 @@ class PgvectorFunnel(DatabaseFunnel):
     def _write_batch(self, x: np.ndarray, ids: np.ndarray) -> None:
         with self._conn.transaction():
             self._copy(self._t, x, ids)
+
+    def _before_rows(self) -> None:
+        # a bulk build after the last row is several times faster than inserting into the graph
+        self._conn.execute(self._q("DROP INDEX IF EXISTS {ix}", ix=self._index_name))
 
     def _finish(self, n: int) -> None:
         self._ensure_index()
