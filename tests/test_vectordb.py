@@ -361,8 +361,10 @@ def test_cli_build_and_search(
     capsys.readouterr()
     assert run_cli([*search, *db, "--model-name", "other"]) == 2
     assert "holds embeddings of model 'cli-model'" in capsys.readouterr().err
-    assert run_cli([*build, *db, "--model-name", "cli-model"]) == 2  # ids 0.. already there
-    assert "use upsert" in capsys.readouterr().err
+    assert run_cli([*build, *db, "--model-name", "cli-model"]) == 2  # the store exists
+    err = capsys.readouterr().err
+    assert f"already exists; it is complete, with {N} rows" in err
+    assert "pass --overwrite to drop it and rebuild" in err
     assert run_cli([*search, "--backend", backend]) == 2
     assert "needs --uri" in capsys.readouterr().err
     with open_vectordb(backend, uri, "cli_corpus") as store:
@@ -390,6 +392,18 @@ class _HeaderOnly(DatabaseFunnel):
         return 0
 
     def _search(self, *args: Any) -> None: ...
+
+    def _store_header(self) -> None: ...
+
+    def _present(self, n: int) -> np.ndarray:
+        return np.zeros(0, np.int64)
+
+    def _fetch(self, ids: np.ndarray) -> np.ndarray:
+        return np.zeros((0, 8), np.float32)
+
+    def _write_batch(self, x: np.ndarray, ids: np.ndarray) -> None: ...
+
+    def _finish(self, n: int) -> None: ...
 
     def close(self) -> None: ...
 

@@ -13,6 +13,10 @@ keeping fewer), and return ``(scores, ids)``, both ``(Q, k)``, in FAISS conventi
   ``vector`` extension; the whole funnel is one SQL statement per query.
 
 Both record a header (model name, sizes, normalisation) in the database and check it on open.
+:meth:`DatabaseFunnel.ingest` builds a store crash-safely: the header says "incomplete" until
+every row is written and the ANN index is built, an incomplete store refuses searches
+(:class:`IncompleteStoreError`), and ``ingest(vectors, resume=True)`` or ``overwrite=True``
+finishes or restarts it.
 The backend modules are imported lazily, so importing this package needs neither driver.
 """
 
@@ -20,13 +24,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from matryoshka.retrieval.vectordb.base import DatabaseFunnel
+from matryoshka.retrieval.vectordb.base import (
+    DatabaseFunnel,
+    IncompleteStoreError,
+    StoreExistsError,
+)
 
 if TYPE_CHECKING:
     from matryoshka.retrieval.vectordb.milvus import MilvusFunnel
     from matryoshka.retrieval.vectordb.pgvector import PgvectorFunnel
 
-__all__ = ["DatabaseFunnel", "MilvusFunnel", "PgvectorFunnel", "open_vectordb"]
+__all__ = [
+    "DatabaseFunnel",
+    "IncompleteStoreError",
+    "MilvusFunnel",
+    "PgvectorFunnel",
+    "StoreExistsError",
+    "open_vectordb",
+]
 
 
 def __getattr__(name: str) -> Any:

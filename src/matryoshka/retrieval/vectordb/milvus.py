@@ -3,7 +3,9 @@
 One collection per corpus, fields ``id`` (INT64 primary key), ``short_prefix``
 (FLOAT_VECTOR ``m_s``, unit-normalised when ``normalize``, HNSW index, inner product) and
 ``embedding`` (FLOAT_VECTOR ``d``, the vector as given; a FLAT index, which Milvus requires on
-every vector field before loading). The header is a collection property (JSON).
+every vector field before loading). The header is a collection property (JSON). A collection is
+created without indexes; they are built once, after :meth:`~DatabaseFunnel.ingest` wrote the
+last row (or after the first :meth:`~DatabaseFunnel.add`), and the collection is loaded then.
 
 A search sends the queries' short prefixes to the HNSW index on ``short_prefix`` and asks for the
 shortlisted items' ``embedding`` in the same request; the rerank chain then runs in the client
@@ -31,6 +33,7 @@ __all__ = ["MilvusFunnel"]
 _HEADER_KEY = "matryoshka.header"
 _NEXT_ID_KEY = "matryoshka.next_id"
 _FETCH_BYTES = 32 * 2**20  # bound on the vectors one search request brings back
+_QUERY_LIMIT = 16384  # Milvus' largest query limit
 
 
 def _import() -> Any:
@@ -67,6 +70,7 @@ class MilvusFunnel(DatabaseFunnel):
             batch_size, progress: see :class:`matryoshka.retrieval.vectordb.DatabaseFunnel`.
         hnsw_m, ef_construction: HNSW build parameters (``M``, ``efConstruction``), new collections.
         allow_model_mismatch: open a store recorded for another model (a warning, not an error).
+        overwrite: drop an existing collection of this name (written by matryoshka) first.
         token: ``"user:password"`` or an API key for a secured server; ``db_name``: its database.
         timeout: seconds for connecting and for each request.
     """
@@ -92,6 +96,7 @@ class MilvusFunnel(DatabaseFunnel):
         batch_size: int = 4096,
         progress: bool = True,
         allow_model_mismatch: bool = False,
+        overwrite: bool = False,
         token: str = "",
         db_name: str = "",
         timeout: float = 30,
@@ -131,14 +136,23 @@ class MilvusFunnel(DatabaseFunnel):
             hnsw_m=hnsw_m,
             ef_construction=ef_construction,
             allow_model_mismatch=allow_model_mismatch,
+            overwrite=overwrite,
         )
         if create:
+            if stored is not None:  # overwrite
+                self.drop()
             self._create()
-        self._client.load_collection(self.name)
+        self._indexed = "short_prefix" in self._client.list_indexes(self.name)
+        if self._indexed:
+            self._client.load_collection(self.name)
 
     @property
     def where(self) -> str:
         return f"Milvus collection {self.name!r} at {self.uri!r}"
+
+    @property
+    def location(self) -> str:
+        return self.uri
 
     def _create(self) -> None:
         pm, c = self._pm, self._client
@@ -146,24 +160,40 @@ class MilvusFunnel(DatabaseFunnel):
         schema.add_field("id", pm.DataType.INT64, is_primary=True)
         schema.add_field("short_prefix", pm.DataType.FLOAT_VECTOR, dim=self.shortlist_size)
         schema.add_field("embedding", pm.DataType.FLOAT_VECTOR, dim=self.dim)
-        index = c.prepare_index_params()
-        index.add_index(
-            field_name="short_prefix",
-            index_type="HNSW",
-            metric_type="IP",
-            params={"M": self.header_["hnsw_m"], "efConstruction": self.header_["ef_construction"]},
-        )
-        index.add_index(field_name="embedding", index_type="FLAT", metric_type="IP")
-        c.create_collection(
-            self.name, schema=schema, index_params=index, consistency_level="Strong"
-        )
+        c.create_collection(self.name, schema=schema, consistency_level="Strong")
         c.alter_collection_properties(
             self.name, properties={_HEADER_KEY: self._header_json(), _NEXT_ID_KEY: "0"}
+        )
+
+    def _ensure_index(self) -> None:
+        """Build the HNSW index on ``short_prefix`` (and the FLAT one Milvus needs on
+        ``embedding``) if missing, then load the collection for search."""
+        if not self._indexed:
+            c = self._client
+            index = c.prepare_index_params()
+            index.add_index(
+                field_name="short_prefix",
+                index_type="HNSW",
+                metric_type="IP",
+                params={
+                    "M": self.header_["hnsw_m"],
+                    "efConstruction": self.header_["ef_construction"],
+                },
+            )
+            index.add_index(field_name="embedding", index_type="FLAT", metric_type="IP")
+            c.create_index(self.name, index)
+            self._indexed = True
+        self._client.load_collection(self.name)
+
+    def _store_header(self) -> None:
+        self._client.alter_collection_properties(
+            self.name, properties={_HEADER_KEY: self._header_json()}
         )
 
     # -- storage ---------------------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
+        self._readable()
         rows = self._client.query(self.name, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
@@ -194,10 +224,53 @@ class MilvusFunnel(DatabaseFunnel):
                 ]
                 write(self.name, rows)
                 bar.update(xb.shape[0])
-        if ids.size and int(ids.max()) + 1 > self._next_id():
-            self._client.alter_collection_properties(
-                self.name, properties={_NEXT_ID_KEY: str(int(ids.max()) + 1)}
+        self._raise_next_id(int(ids.max()) + 1 if ids.size else 0)
+        self._ensure_index()
+
+    def _raise_next_id(self, end: int) -> None:
+        if end > self._next_id():
+            self._client.alter_collection_properties(self.name, properties={_NEXT_ID_KEY: str(end)})
+
+    def _write_batch(self, x: np.ndarray, ids: np.ndarray) -> None:
+        short = self.prefix(x, self.shortlist_size)  # (b, m_s)
+        rows = [
+            {"id": int(i), "short_prefix": sv, "embedding": fv}
+            for i, sv, fv in zip(ids, short, x, strict=True)
+        ]
+        self._client.insert(self.name, rows)
+
+    def _finish(self, n: int) -> None:
+        self._raise_next_id(n)
+        self._ensure_index()
+
+    def _readable(self) -> None:
+        """Queries need a loaded collection. Milvus Lite loads one without indexes; a server
+        loads only an indexed one, so there the indexes are built first (on the rows written
+        so far: a resumed build then adds to a maintained index)."""
+        state = self._client.get_load_state(self.name).get("state")
+        if state != self._pm.client.types.LoadState.Loaded:
+            self._ensure_index()
+
+    def _present(self, n: int) -> np.ndarray:
+        self._readable()
+        found: list[int] = []
+        for lo in range(0, n, _QUERY_LIMIT):
+            rows = self._client.query(
+                self.name,
+                filter=f"id >= {lo} and id < {min(n, lo + _QUERY_LIMIT)}",
+                output_fields=["id"],
+                limit=_QUERY_LIMIT,
             )
+            found += [int(r["id"]) for r in rows]
+        return np.asarray(found, np.int64)
+
+    def _fetch(self, ids: np.ndarray) -> np.ndarray:
+        self._readable()
+        rows = self._client.query(
+            self.name, filter=f"id in {ids.tolist()}", output_fields=["id", "embedding"]
+        )
+        by_id = {int(r["id"]): r["embedding"] for r in rows}
+        return np.asarray([by_id[int(i)] for i in ids], np.float32).reshape(len(ids), self.dim)
 
     def _existing(self, ids: np.ndarray) -> list[int]:
         found: list[int] = []
@@ -228,6 +301,8 @@ class MilvusFunnel(DatabaseFunnel):
                 f"shortlist_k={kp} is above Milvus' largest topk {self.max_ann_k}: use "
                 f"shortlist_k <= {self.max_ann_k}."
             )
+        if not self._indexed:  # a store created but never written
+            self._ensure_index()
         qs = self.prefix(q, self.shortlist_size)  # (Q, m_s)
         batch = max(1, _FETCH_BYTES // (kp * self.dim * 4))
         params = {"metric_type": "IP", "params": {"ef": max(self.ef_search, kp)}}
@@ -255,3 +330,4 @@ class MilvusFunnel(DatabaseFunnel):
 
     def drop(self) -> None:
         self._client.drop_collection(self.name)
+        self._indexed = False

@@ -47,8 +47,8 @@ def _import() -> tuple[Any, Any, Any]:
 
 
 def _redact(url: str) -> str:
-    """The URL without its password."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """The URL without its password (an empty one stays empty)."""
+    return re.sub(r"(://[^:/@]*:)[^@]+@", r"\1***@", url)
 
 
 class PgvectorFunnel(DatabaseFunnel):
@@ -61,10 +61,13 @@ class PgvectorFunnel(DatabaseFunnel):
             batch_size, progress: see :class:`matryoshka.retrieval.vectordb.DatabaseFunnel`.
         hnsw_m, ef_construction: HNSW build parameters (``m``, ``ef_construction``), new tables.
         allow_model_mismatch: open a store recorded for another model (a warning, not an error).
+        overwrite: drop an existing table of this name (written by matryoshka) first.
         connect_timeout: seconds to wait for the server.
 
-    The HNSW index is built after the first ingestion (bulk build, much faster than inserting
-    into an existing graph) and maintained by PostgreSQL afterwards.
+    The HNSW index is built once, after :meth:`~DatabaseFunnel.ingest` wrote the last row (or
+    after the first :meth:`~DatabaseFunnel.add`): a bulk build, much faster than inserting into
+    an existing graph. PostgreSQL maintains it afterwards. Each ingestion batch is one
+    transaction, so a killed build leaves whole batches.
     """
 
     backend = "pgvector"
@@ -88,6 +91,7 @@ class PgvectorFunnel(DatabaseFunnel):
         batch_size: int = 4096,
         progress: bool = True,
         allow_model_mismatch: bool = False,
+        overwrite: bool = False,
         connect_timeout: float = 10,
     ) -> None:
         psycopg, self._sql, register_vector = _import()
@@ -143,13 +147,20 @@ class PgvectorFunnel(DatabaseFunnel):
             hnsw_m=hnsw_m,
             ef_construction=ef_construction,
             allow_model_mismatch=allow_model_mismatch,
+            overwrite=overwrite,
         )
         if create:
+            if stored is not None:  # overwrite
+                self.drop()
             self._create()
 
     @property
     def where(self) -> str:
         return f"pgvector table {self.name!r} at {_redact(self.url)!r}"
+
+    @property
+    def location(self) -> str:
+        return _redact(self.url)
 
     def _q(self, query: str, **names: Any) -> Any:
         """``query`` with ``{t}`` the table and other ``{name}`` SQL fragments filled in."""
@@ -166,7 +177,16 @@ class PgvectorFunnel(DatabaseFunnel):
                     d=lit(self.dim),
                 )
             )
-            self._conn.execute(self._q("COMMENT ON TABLE {t} IS {h}", h=lit(self._header_json())))
+            self._store_header()
+
+    def _store_header(self) -> None:
+        self._conn.execute(
+            self._q("COMMENT ON TABLE {t} IS {h}", h=self._sql.Literal(self._header_json()))
+        )
+
+    @property
+    def _index_name(self) -> Any:
+        return self._sql.Identifier(f"{self.name}_short_hnsw")
 
     def _ensure_index(self) -> None:
         lit = self._sql.Literal
@@ -174,7 +194,7 @@ class PgvectorFunnel(DatabaseFunnel):
             self._q(
                 "CREATE INDEX IF NOT EXISTS {ix} ON {t} USING hnsw (short_prefix vector_ip_ops) "
                 "WITH (m = {m}, ef_construction = {ef})",
-                ix=self._sql.Identifier(f"{self.name}_short_hnsw"),
+                ix=self._index_name,
                 m=lit(self.header_["hnsw_m"]),
                 ef=lit(self.header_["ef_construction"]),
             )
@@ -246,6 +266,28 @@ class PgvectorFunnel(DatabaseFunnel):
         finally:
             bar.close()
         self._ensure_index()
+
+    def _write_batch(self, x: np.ndarray, ids: np.ndarray) -> None:
+        with self._conn.transaction():
+            self._copy(self._t, x, ids)
+
+    def _before_rows(self) -> None:
+        # a bulk build after the last row is several times faster than inserting into the graph
+        self._conn.execute(self._q("DROP INDEX IF EXISTS {ix}", ix=self._index_name))
+
+    def _finish(self, n: int) -> None:
+        self._ensure_index()
+
+    def _present(self, n: int) -> np.ndarray:
+        rows = self._conn.execute(self._q("SELECT id FROM {t} WHERE id < %s"), (n,)).fetchall()
+        return np.asarray([r[0] for r in rows], np.int64)
+
+    def _fetch(self, ids: np.ndarray) -> np.ndarray:
+        rows = self._conn.execute(
+            self._q("SELECT id, embedding FROM {t} WHERE id = ANY(%s)"), (ids.tolist(),)
+        ).fetchall()
+        by_id = {int(i): np.asarray(v.to_numpy(), np.float32) for i, v in rows}
+        return np.stack([by_id[int(i)] for i in ids]) if len(ids) else np.zeros((0, self.dim))
 
     def _delete(self, ids: np.ndarray) -> int:
         cur = self._conn.execute(self._q("DELETE FROM {t} WHERE id = ANY(%s)"), (ids.tolist(),))
