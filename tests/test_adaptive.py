@@ -503,3 +503,14 @@ def test_classifier_errors(digits_head: Any) -> None:
         AdaptiveClassifier(head, head.nesting, target_accuracy=2.0).fit(zv, yv)
     with pytest.raises(ValueError, match=r"confidence='x' is not known"):
         confidence_scores(np.zeros((2, 3)), "x")
+
+
+def test_a_memory_mapped_corpus_stays_mapped(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.npy"
+    np.save(path, CORPUS)
+    mapped = np.load(path, mmap_mode="r")
+    assert isinstance(open_corpus(mapped), np.memmap)
+    fr = FunnelRetriever(8, 50, progress=False).fit(mapped)
+    # the full-size rerank matrix is read from the file, not held in memory
+    assert fr.mapped_bytes == CORPUS.nbytes
+    assert fr.nbytes < CORPUS.nbytes

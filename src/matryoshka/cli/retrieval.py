@@ -229,6 +229,7 @@ def _funnel_build(args: argparse.Namespace) -> int:
             rerank_dtype=dtype,
             # a float32 matrix is the corpus file itself, read in place (or copied at save)
             rerank_path=None if dtype == "float32" else out / MATRIX_FILE,
+            progress=args.progress,
         ).fit(args.embeddings)  # the path: fit maps it (an array would lose its file name)
         out = fr.save(out, copy_matrix=bool(args.copy_matrix))
     except (ValueError, FileNotFoundError, ImportError) as e:

@@ -79,7 +79,8 @@ def __getattr__(name: str) -> Any:
 
 
 def open_corpus(corpus: np.ndarray | str | os.PathLike[str]) -> np.ndarray:
-    """A ``(N, d)`` corpus: an array as is, or a ``.npy`` path memory-mapped read-only."""
+    """A ``(N, d)`` corpus: an array as is (a memory map stays one), or a ``.npy`` path
+    memory-mapped read-only."""
     if isinstance(corpus, str | os.PathLike):
         path = Path(corpus)
         if not path.is_file():
@@ -88,7 +89,7 @@ def open_corpus(corpus: np.ndarray | str | os.PathLike[str]) -> np.ndarray:
             )
         arr = np.load(path, mmap_mode="r")
     else:
-        arr = np.asarray(corpus)
+        arr = corpus if isinstance(corpus, np.memmap) else np.asarray(corpus)
     if arr.ndim != 2 or arr.shape[0] == 0:
         raise ValueError(f"corpus.shape={arr.shape}: pass a non-empty (N, d) matrix of embeddings.")
     if not np.issubdtype(arr.dtype, np.floating):
@@ -369,6 +370,7 @@ class FunnelRetriever:
             keeps other dtypes in memory.
         prefixes: a prebuilt :class:`~matryoshka.retrieval.prefixes.PrefixMatrix` of this corpus
             to use instead of building one (its rows, normalisation and chain are checked).
+        progress: show a progress bar while ``fit`` builds the shortlist index.
 
     ``fit(corpus)`` takes a ``(N, d)`` array or a ``.npy`` path (memory-mapped) and sets
     ``corpus_``, ``index_``, ``prefixes_``, ``dim_``, ``spec_`` and ``chain_`` (``spec_.rerank``).
@@ -392,6 +394,7 @@ class FunnelRetriever:
         rerank_dtype: str = "float32",
         rerank_path: str | os.PathLike[str] | None = None,
         prefixes: PrefixMatrix | None = None,
+        progress: bool = True,
     ) -> None:
         self.shortlist_size = shortlist_size
         self.shortlist_k = shortlist_k
@@ -406,6 +409,7 @@ class FunnelRetriever:
         self.rerank_dtype = rerank_dtype
         self.rerank_path = rerank_path
         self.prefixes = prefixes
+        self.progress = progress
 
     @classmethod
     def from_spec(cls, spec: FunnelSpec, **kwargs: Any) -> FunnelRetriever:
@@ -450,7 +454,7 @@ class FunnelRetriever:
                 normalize=self.normalize,
                 **(self.index_params or {}),
             )
-            add_in_chunks(idx, arr, progress=True, desc=f"index m={spec.shortlist_size}")
+            add_in_chunks(idx, arr, progress=self.progress, desc=f"index m={spec.shortlist_size}")
         if pm is None:
             pm = PrefixMatrix.build(
                 arr, chain, dtype=dtype, normalize=self.normalize, path=self.rerank_path
