@@ -79,6 +79,89 @@ def time_rounds(
     return times
 
 
+def chunk_products(
+    nesting: Nesting, batch: int, n_classes: int, repeats: int, clock: Callable[[], float]
+) -> dict[str, float]:
+    """Median seconds of each product of the tied head's chunk loop, summed over the chunks, for
+    a row-major and a column-major weight, next to the full-size matmuls of one ``Linear``.
+
+    The three products per chunk ``[a, b)``: forward ``z_i W_i^T`` ``(B, w) @ (w, C)``, input
+    gradient ``G W_i`` ``(B, C) @ (C, w)`` and weight gradient ``G^T z_i`` ``(C, B) @ (B, w)``;
+    plus the elementwise work of the fused pass (copying each size's logits into the next, the
+    running sum of output gradients).
+    """
+    d, chunks = nesting.dim, nesting.chunks
+    z = torch.randn(batch, d)  # (B, d)
+    w = torch.randn(n_classes, d)  # (C, d) row-major
+    wt = w.t().contiguous()  # (d, C): the column-major weight's storage
+    g = torch.randn(batch, n_classes)  # (B, C)
+    grads = torch.randn(len(chunks), batch, n_classes)  # (L, B, C)
+    out = torch.empty(len(chunks), batch, n_classes)
+    gz, gzt = torch.empty(batch, d), torch.empty(d, batch)
+    gw, gwt = torch.empty(n_classes, d), torch.empty(d, n_classes)
+
+    n = len(chunks)
+
+    Product = Callable[[int, int, int], torch.Tensor]
+
+    def chunks_of(product: Product, which: range) -> Callable[[], None]:
+        def run() -> None:
+            for i in which:
+                product(i, *chunks[i])
+
+        return run
+
+    def every_chunk(product: Product) -> Callable[[], None]:
+        return chunks_of(product, range(n))
+
+    fns_col: dict[str, Product] = {
+        "forward": lambda i, a, b: torch.mm(z[:, a:b], wt[a:b], out=out[i]),
+        "input grad": lambda i, a, b: torch.mm(g, wt[a:b].t(), out=gz[:, a:b]),
+        "weight grad": lambda i, a, b: torch.mm(z[:, a:b].t(), g, out=gwt[a:b]),
+    }
+
+    def once(product: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            product()
+
+        return run
+
+    def copies() -> None:
+        for i in range(1, n):
+            out[i].copy_(out[i - 1])
+
+    def running_sum() -> None:
+        run = grads[-1].clone()
+        for i in range(n - 2, -1, -1):
+            run.add_(grads[i])
+
+    fns: dict[str, Callable[[], None]] = {
+        "full forward": once(lambda: torch.mm(z, w.t(), out=out[0])),
+        "full input grad": once(lambda: torch.mm(g, w, out=gz)),
+        "full weight grad": once(lambda: torch.mm(g.t(), z, out=gw)),
+        "row-major forward": every_chunk(
+            lambda i, a, b: torch.mm(z[:, a:b], w[:, a:b].t(), out=out[i])
+        ),
+        "row-major input grad, (d, B) rows": every_chunk(
+            lambda i, a, b: torch.mm(w[:, a:b].t(), g.t(), out=gzt[a:b])
+        ),
+        "row-major weight grad, (C, w) cols": every_chunk(
+            lambda i, a, b: torch.mm(g.t(), z[:, a:b], out=gw[:, a:b])
+        ),
+        "col-major forward": every_chunk(fns_col["forward"]),
+        "col-major input grad, (B, w) cols": every_chunk(fns_col["input grad"]),
+        "col-major weight grad, (w, C) rows": every_chunk(fns_col["weight grad"]),
+        "copy logits_{i-1} into logits_i": copies,
+        "running sum of output grads": running_sum,
+    }
+    for i, (a, b) in enumerate(chunks):  # each chunk's column-major products alone
+        for kind, product in fns_col.items():
+            fns[f"chunk {a}:{b} {kind}"] = chunks_of(product, range(i, i + 1))
+    time_rounds(fns, 3, clock)
+    times = time_rounds(fns, repeats, clock)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dim", type=int, default=2048)
@@ -93,6 +176,11 @@ def main() -> None:
         choices=["wall", "thread"],
         default="wall",
         help="wall: perf_counter; thread: CPU time of this thread (needs --threads 1)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time each product of the tied chunk loop alone, for both weight layouts",
     )
     parser.add_argument("--out", type=Path, default=Path("results/heads.json"))
     args = parser.parse_args()
@@ -162,6 +250,26 @@ def main() -> None:
         f"({'met' if tied_ok else 'missed'}); untied fused <= 1.10x its flop floor: "
         f"{ratios['untied_fused_vs_flop_floor']:.2f}x ({'met' if untied_ok else 'missed'})"
     )
+    profile: dict[str, float] = {}
+    if args.profile:
+        profile = chunk_products(nesting, args.batch, args.classes, args.repeats, clock)
+        print(f"tied chunk loop, each product alone (sum over {len(nesting)} chunks), median ms:")
+        full = profile["full forward"] + profile["full input grad"] + profile["full weight grad"]
+        for name, t in profile.items():
+            if not name.startswith("chunk"):
+                print(f"  {name:<36}{t * 1e3:>9.2f}")
+        for layout in ("row-major", "col-major"):
+            total = sum(t for name, t in profile.items() if name.startswith(layout))
+            print(f"  {layout} products: {total / full:.2f}x the full-size matmuls")
+        print("column-major products per chunk, GFLOP/s (forward, input grad, weight grad):")
+        for a, b in [(0, args.dim), *nesting.chunks]:
+            flops = 2 * args.batch * args.classes * (b - a)
+            rates = [
+                flops / profile[f"chunk {a}:{b} {p}" if b - a < args.dim else f"full {p}"] / 1e9
+                for p in ("forward", "input grad", "weight grad")
+            ]
+            label = "full" if b - a == args.dim else f"{a}:{b}"
+            print(f"  {label:<12}" + "".join(f"{r:>8.1f}" for r in rates))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -175,6 +283,7 @@ def main() -> None:
         "median_ms": {k: v * 1e3 for k, v in med.items()},
         "min_ms": {k: v * 1e3 for k, v in best.items()},
         "ratios": ratios,
+        "profile_ms": {k: v * 1e3 for k, v in profile.items()},
         "targets_met": {"tied": tied_ok, "untied": untied_ok},
     }
     args.out.write_text(json.dumps(payload, indent=2))
