@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from matryoshka import MatryoshkaHead, Nesting
+from matryoshka.models.heads import _TiedPrefixLinear, _UntiedPrefixLinear
 
 
 def random_ladder(seed: int) -> Nesting:
@@ -184,3 +185,24 @@ def test_column_major_head_checkpoint_round_trip(tmp_path):
     assert b.weight.stride() == (1, 5)
     z = torch.randn(3, 8)
     assert torch.equal(a(z), b(z))
+
+
+def test_prefix_functions_pass_gradcheck():
+    # Numerical gradients (finite differences) of the two Functions themselves, including an
+    # untied ladder whose largest size is below z's width (z's last columns get zero gradient).
+    torch.manual_seed(6)
+    z = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64).t().contiguous().t().requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    chunks = Nesting([2, 3, 7]).chunks
+    assert torch.autograd.gradcheck(
+        lambda z, w, b: _TiedPrefixLinear.apply(z, w, b, chunks), (z, w, b)
+    )
+    sizes = (2, 5)
+    ws = [torch.randn(4, m, dtype=torch.float64, requires_grad=True) for m in sizes]
+    bs = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda z, bs, *ws: _UntiedPrefixLinear.apply(z, bs, sizes, *ws), (z, bs, *ws)
+    )
+    (gz,) = torch.autograd.grad(_UntiedPrefixLinear.apply(z, bs, sizes, *ws).sum(), [z])
+    assert torch.equal(gz[:, 5:], torch.zeros(3, 2, dtype=torch.float64))

@@ -61,7 +61,7 @@ def _uniform_like_contiguous(t: torch.Tensor, bound: float) -> None:
 class _TiedPrefixLinear(torch.autograd.Function):
     """``(B, d), (C, d), (C,) -> (L, B, C)``: logits of ``W[:, :m]`` for every size ``m``.
 
-    Correct for any memory layout of ``W``; fastest when ``W`` is column-major (as
+    ``chunks`` are the ladder's ``[m_{i-1}, m_i)`` ranges, covering ``[0, d)``. Correct for any memory layout of ``W``; fastest when ``W`` is column-major (as
     :class:`MatryoshkaHead` stores it): then ``W^T`` is a contiguous ``(d, C)`` buffer, every
     chunk's weights ``W^T[a:b]`` are a contiguous row block, and the weight gradient is filled
     row block by row block in that same layout, so autograd stores it without a copy.
@@ -145,17 +145,16 @@ class _UntiedPrefixLinear(torch.autograd.Function):
         z, *weights = ctx.saved_tensors
         sizes: tuple[int, ...] = ctx.sizes
         need_z, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_z = z.new_zeros(z.shape) if (need_z and sizes[-1] < z.shape[1]) else None
-        if need_z and grad_z is None:  # the largest head spans z: its product fills grad_z
-            grad_z = torch.mm(grad[-1], weights[-1])  # (B, d)
-            first = len(sizes) - 2
-        else:
-            first = len(sizes) - 1
+        grad_z = None
+        if need_z:
+            # The largest head spans all of z (as in MatryoshkaHead): its product initialises
+            # grad_z, the others add into their prefix columns.
+            spans = sizes[-1] == z.shape[1]
+            grad_z = torch.mm(grad[-1], weights[-1]) if spans else z.new_zeros(z.shape)  # (B, d)
+            for i in range(len(sizes) - 1 if spans else len(sizes)):
+                grad_z[:, : sizes[i]].addmm_(grad[i], weights[i])  # (B, m_i)
         grad_ws: list[torch.Tensor | None] = [None] * len(sizes)
-        for i in range(len(sizes) - 1, -1, -1):
-            m = sizes[i]
-            if grad_z is not None and i <= first:
-                grad_z[:, :m].addmm_(grad[i], weights[i])  # (B, m)
+        for i, m in enumerate(sizes):
             if ctx.needs_input_grad[3 + i]:
                 gw = torch.empty_like(weights[i])  # (C, m), laid out like the weight
                 torch.mm(z[:, :m].t(), grad[i], out=gw.t())  # (m, C)
@@ -176,7 +175,9 @@ class MatryoshkaHead(nn.Module):
         bias: learn biases.
 
     ``forward(z)`` maps ``(B, d)`` to ``(L, B, C)``; the logits of size ``m`` never depend on
-    ``z[:, m:]``. Parameters are initialised like ``nn.Linear(m, C)`` for each head.
+    ``z[:, m:]``. Parameters are initialised like ``nn.Linear(m, C)`` for each head; weights are
+    stored column-major (strides ``(1, C)``), which keeps every chunk of the fused pass
+    contiguous (see the module docstring).
     """
 
     def __init__(
