@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from matryoshka import MatryoshkaHead, Nesting
+from matryoshka.models.heads import _TiedPrefixLinear, _UntiedPrefixLinear
 
 
 def random_ladder(seed: int) -> Nesting:
@@ -110,3 +111,98 @@ def test_state_dict_round_trip():
     b.load_state_dict(a.state_dict())
     z = torch.randn(3, 8)
     torch.testing.assert_close(a(z), b(z))
+
+
+def test_weights_are_column_major_and_init_matches_a_contiguous_draw():
+    # The weights are stored column-major (each prefix block contiguous) but hold the values a
+    # contiguous nn.Linear-style draw gives for the same seed, so a seed means the same model.
+    nesting = Nesting([4, 8, 16])
+    torch.manual_seed(5)
+    tied = MatryoshkaHead(16, 6, nesting, tied=True)
+    torch.manual_seed(5)
+    bound = 1 / math.sqrt(16)
+    want_w = torch.empty(6, 16).uniform_(-bound, bound)
+    want_b = torch.empty(6).uniform_(-bound, bound)
+    assert tied.weight.stride() == (1, 6)
+    assert torch.equal(tied.weight, want_w)
+    assert tied.bias is not None
+    assert torch.equal(tied.bias, want_b)
+    torch.manual_seed(5)
+    untied = MatryoshkaHead(16, 6, nesting)
+    assert untied.bias is not None
+    torch.manual_seed(5)
+    for j, m in enumerate(nesting):
+        bound = 1 / math.sqrt(m)
+        want_w = torch.empty(6, m).uniform_(-bound, bound)
+        want_b = torch.empty(6).uniform_(-bound, bound)
+        assert untied.weights[j].stride() == (1, 6)
+        assert torch.equal(untied.weights[j], want_w)
+        assert torch.equal(untied.bias[j], want_b)
+    assert untied.double().weights[1].stride() == (1, 6)  # dtype casts keep the layout
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("layout", ["column_major", "contiguous"])
+def test_gradients_come_in_the_parameters_layout(tied, layout):
+    # The backward fills each weight gradient in its weight's own layout (so autograd stores it
+    # without a copy) and the input gradient contiguous, whatever layout the weights have; values
+    # stay equal to the per-size reference, also for an expanded (stride-0) upstream gradient.
+    torch.manual_seed(2)
+    nesting = Nesting([2, 5, 9])
+    head = MatryoshkaHead(9, 4, nesting, tied=tied).double()
+    if layout == "contiguous":  # e.g. weights assigned by a user
+        with torch.no_grad():
+            for name, param in head.named_parameters():
+                if param.ndim == 2 and name != "bias":
+                    param.data = param.data.contiguous()
+    weights = (
+        [head.weight[:, :m] for m in nesting] if tied else [head.weight_for(m) for m in nesting]
+    )
+    biases = [head.bias_for(m) for m in nesting]
+    z = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    params = [p for p in head.parameters() if p.ndim == 2 and p.shape[0] == 4]
+    assert all(p.is_contiguous() == (layout == "contiguous") for p in params)
+    got = torch.autograd.grad(head(z).sum(), [z, *params])
+    want = torch.autograd.grad(naive_logits(z, weights, biases, list(nesting)).sum(), [z, *params])
+    assert got[0].is_contiguous()
+    for x, g, w in zip([z, *params], got, want, strict=True):
+        if x is not z:
+            assert g.stride() == x.stride(), (layout, g.stride(), x.stride())
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_column_major_head_checkpoint_round_trip(tmp_path):
+    from matryoshka.checkpoint import load_checkpoint, save_checkpoint
+
+    nesting = Nesting([4, 8])
+    torch.manual_seed(3)
+    a = MatryoshkaHead(8, 5, nesting, tied=True)
+    torch.manual_seed(4)
+    b = MatryoshkaHead(8, 5, nesting, tied=True)
+    save_checkpoint(tmp_path / "head", a, rng=False)
+    load_checkpoint(tmp_path / "head.json", b)
+    assert torch.equal(a.weight, b.weight)
+    assert b.weight.stride() == (1, 5)
+    z = torch.randn(3, 8)
+    assert torch.equal(a(z), b(z))
+
+
+def test_prefix_functions_pass_gradcheck():
+    # Numerical gradients (finite differences) of the two Functions themselves, including an
+    # untied ladder whose largest size is below z's width (z's last columns get zero gradient).
+    torch.manual_seed(6)
+    z = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64).t().contiguous().t().requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    chunks = Nesting([2, 3, 7]).chunks
+    assert torch.autograd.gradcheck(
+        lambda z, w, b: _TiedPrefixLinear.apply(z, w, b, chunks), (z, w, b)
+    )
+    sizes = (2, 5)
+    ws = [torch.randn(4, m, dtype=torch.float64, requires_grad=True) for m in sizes]
+    bs = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda z, bs, *ws: _UntiedPrefixLinear.apply(z, bs, sizes, *ws), (z, bs, *ws)
+    )
+    (gz,) = torch.autograd.grad(_UntiedPrefixLinear.apply(z, bs, sizes, *ws).sum(), [z])
+    assert torch.equal(gz[:, 5:], torch.zeros(3, 2, dtype=torch.float64))
