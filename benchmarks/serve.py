@@ -6,8 +6,9 @@
     python benchmarks/serve.py --servers mrl,mrl-nobatch   # dynamic batching on vs off
 
 Servers (``--servers``, comma-separated): ``mrl`` (``mrl serve``, the CLI, default settings but
-``--max-batch-size`` / ``--max-wait-ms``), ``mrl-nobatch`` (``--no-batching``), and ``infinity``
-(``infinity_emb v2 --engine torch``, from the venv that ``benchmarks/peers/setup_infinity.sh`` makes under
+``--max-batch-size`` / ``--max-wait-ms``), ``mrl-nobatch`` (``--no-batching``), ``mrl-onnx``
+(``--backend onnx``, run by ``--onnx-python``: this Python if it has onnxruntime, else the venv
+``benchmarks/peers/setup_onnx.sh`` makes), and ``infinity`` (``infinity_emb v2 --engine torch``, from the venv that ``benchmarks/peers/setup_infinity.sh`` makes under
 ``.venv-peers/infinity``; skipped with a note if that venv is missing). TEI is not run: it is a
 Rust binary / container image, which no package registry reachable here ships.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib.util
 import json
 import os
 import platform
@@ -50,7 +52,8 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVERS = ("mrl", "mrl-nobatch", "infinity")
+ONNX_VENV = ROOT / ".venv-peers" / "onnx"
+SERVERS = ("mrl", "mrl-nobatch", "mrl-onnx", "infinity")
 MODEL_ID = "all-MiniLM-L6-v2"
 WORDS = [
     "cat",
@@ -138,11 +141,14 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = Path(args.log_dir) / f"{name}.log"
         if name.startswith("mrl"):
-            self.cmd = [sys.executable, "-m", "matryoshka.cli", "serve", "--host", "127.0.0.1"]
+            python = args.onnx_python if name == "mrl-onnx" else sys.executable
+            self.cmd = [python, "-m", "matryoshka.cli", "serve", "--host", "127.0.0.1"]
             self.cmd += ["--port", str(self.port), "--max-batch-size", str(args.max_batch_size)]
             self.cmd += ["--max-wait-ms", str(args.max_wait_ms)]
             if name == "mrl-nobatch":
                 self.cmd.append("--no-batching")
+            if name == "mrl-onnx":
+                self.cmd += ["--backend", "onnx"]
         else:
             exe = Path(args.infinity_venv) / "bin" / "infinity_emb"
             self.cmd = [str(exe), "v2", "--model-id", model_path(), "--served-model-name"]
@@ -290,6 +296,8 @@ def peer_versions(args: argparse.Namespace, names: list[str]) -> dict[str, str]:
     )
     out: dict[str, str] = {}
     pythons = {"mrl": sys.executable}
+    if "mrl-onnx" in names:
+        pythons["mrl-onnx"] = args.onnx_python
     if "infinity" in names:
         pythons["infinity"] = str(Path(args.infinity_venv) / "bin" / "python")
     for who, py in pythons.items():
@@ -424,6 +432,7 @@ def main() -> int:
     p.add_argument("--max-batch-size", type=int, default=64, help="most texts per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="mrl's batching window")
     p.add_argument("--infinity-venv", default=str(ROOT / ".venv-peers" / "infinity"))
+    p.add_argument("--onnx-python", default=None, help="Python with onnxruntime for mrl-onnx")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 s per run, 1 s warm-up")
     p.add_argument("--soak", action="store_true", help="mrl serve only, 32 clients x 60 s, RSS")
     p.add_argument("--soak-clients", type=int, default=32)
@@ -446,8 +455,15 @@ def main() -> int:
     if args.quick:
         args.duration, args.warmup = 3.0, 1.0
         args.soak_seconds = min(args.soak_seconds, 10.0)
-    inf_exe = Path(args.infinity_venv) / "bin" / "infinity_emb"
+    if args.onnx_python is None:
+        has_ort = importlib.util.find_spec("onnxruntime") is not None
+        args.onnx_python = sys.executable if has_ort else str(ONNX_VENV / "bin" / "python")
     skipped = {}
+    if "mrl-onnx" in names and not Path(args.onnx_python).exists():
+        skipped["mrl-onnx"] = f"{args.onnx_python} missing: run benchmarks/peers/setup_onnx.sh"
+        print(f"skipping mrl-onnx: {skipped['mrl-onnx']}", file=sys.stderr)
+        names.remove("mrl-onnx")
+    inf_exe = Path(args.infinity_venv) / "bin" / "infinity_emb"
     if "infinity" in names and not inf_exe.exists():
         skipped["infinity"] = f"{inf_exe} missing: run benchmarks/peers/setup_infinity.sh"
         print(f"skipping infinity: {skipped['infinity']}", file=sys.stderr)
