@@ -94,11 +94,16 @@ def test_onnx_refuses_a_model_without_a_transformer() -> None:
 
 
 @pytest.mark.slow
-def test_onnx_backend_gives_the_torch_vectors(encoder: TextEncoder) -> None:
+def test_onnx_backend_gives_the_torch_vectors(
+    encoder: TextEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # idle ONNX Runtime threads sleep too
     served = load_encoder(ServeConfig(backend="onnx"), encoder=encoder)
     assert served.onnx is not None
+    options = served.onnx.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     batch = texts(24, seed=1)
     ids = [served.tokenizer(t)["input_ids"] for t in batch[:6]]
     z = served([*batch, *ids])

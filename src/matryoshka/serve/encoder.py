@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,8 @@ class OnnxForward:
     At construction the model's first module (a Hugging Face transformer, e.g. MiniLM's
     ``BertModel``) is exported to ONNX (torch's exporter, dynamic batch and sequence axes) into a
     temporary folder and loaded into an ``onnxruntime.InferenceSession`` on the CPU, with as
-    many intra-op threads as torch uses (``torch.get_num_threads()``: ``OMP_NUM_THREADS``). A call
+    many intra-op threads as torch uses (``torch.get_num_threads()``: ``OMP_NUM_THREADS``), idle
+    ones spinning unless ``OMP_WAIT_POLICY=PASSIVE`` (as torch's OpenMP threads). A call
     runs that session for the token embeddings, then the model's own remaining modules (pooling,
     normalisation, dense layers) in torch, so the output is the model's sentence embedding.
 
@@ -253,6 +255,10 @@ class OnnxForward:
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One knob for both runtimes: with OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep
+        # instead of spinning) ONNX Runtime's idle threads sleep too.
+        passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0" if passive else "1")
         axes = {k: {0: "batch", 1: "tokens"} for k in [*self.input_names, "hidden"]}
         try:
             # The tracer's warnings (legacy exporter, shape checks read as constants) are
