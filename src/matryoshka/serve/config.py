@@ -13,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["LONG_INPUT_POLICIES", "ServeConfig"]
+__all__ = ["BACKENDS", "LONG_INPUT_POLICIES", "ServeConfig"]
+
+#: Where the encoder's forward pass runs: torch, or ONNX Runtime (the ``onnx`` extra).
+BACKENDS = ("torch", "onnx")
 
 #: What happens to a text over the length limits: a 400 error, or a cut to the limits.
 LONG_INPUT_POLICIES = ("reject", "truncate")
@@ -44,6 +47,9 @@ class ServeConfig:
             index can stand in for ``corpus``.
         host, port: where uvicorn listens.
         device: torch device of the encoder.
+        backend: ``"torch"`` (default) or ``"onnx"``: the model's transformer exported at
+            start-up and run in ONNX Runtime on the CPU (``pip install 'matryoshka[onnx]'``);
+            same vectors to ~1e-7.
         max_inputs: most texts in one request.
         max_input_tokens: most tokens per text, special tokens included (``None``: the model's
             ``max_seq_length``).
@@ -88,6 +94,11 @@ class ServeConfig:
     host: str = _opt("127.0.0.1", "interface to listen on")
     port: int = _opt(8000, "TCP port")
     device: str = _opt("cpu", "torch device of the encoder")
+    backend: str = _opt(
+        "torch",
+        "forward pass in 'torch' or 'onnx' (ONNX Runtime, CPU; pip install 'matryoshka[onnx]')",
+        choices=BACKENDS,
+    )
     max_inputs: int = _opt(256, "most texts per request")
     max_input_tokens: int | None = _opt(
         None, "most tokens per text (default: the model's max_seq_length)"
@@ -146,6 +157,16 @@ class ServeConfig:
         if self.long_input not in LONG_INPUT_POLICIES:
             raise ValueError(
                 f"long_input={self.long_input!r} is not a policy: use 'reject' or 'truncate'."
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"backend={self.backend!r} is not a backend: use 'torch' or 'onnx' (ONNX Runtime, "
+                "`pip install 'matryoshka[onnx]'`)."
+            )
+        if self.backend == "onnx" and self.device != "cpu":
+            raise ValueError(
+                f"backend='onnx' runs on the CPU, but device={self.device!r}: pass device='cpu' "
+                "or use backend='torch'."
             )
         if isinstance(self.max_wait_ms, bool) or not (
             isinstance(self.max_wait_ms, int | float) and 0 <= self.max_wait_ms <= 10_000
