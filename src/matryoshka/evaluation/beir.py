@@ -9,9 +9,10 @@ the whole corpus, for four models:
   :class:`~matryoshka.models.adaptor.MatryoshkaAdaptor` fitted (unsupervised) on the corpus;
 * ``fine-tuned``: the run's own model (``RUN/model``), truncated.
 
-Besides :data:`BEIR_METRICS`, every method gets :data:`RELATIVE` (its nDCG@10 over the base
-model's full-size one: what forgetting or truncation costs) and :data:`FUNNEL` (a shortlist of
-200 at each size reranked at the method's full size, against its own exact top 10).
+Besides :data:`BEIR_METRICS`, ``meta["per_size"]`` gives every method :data:`RELATIVE` (its
+nDCG@10 over the base model's full-size one: what forgetting or truncation costs) and
+:data:`FUNNEL` (a shortlist of 200 at each size reranked at the method's full size, against its
+own exact top 10), one value per size.
 
 The metrics come from ``pytrec_eval`` (trec_eval's own code: graded nDCG, the qrels' relevant
 documents as recall's denominator, queries averaged over the split's judged queries), fed the
@@ -166,20 +167,17 @@ def evaluate_beir(
         "fine-tuned": (tuned_q, tuned_c, _truncate),
     }
     metrics: dict[str, dict[str, list[float]]] = {name: {} for name in BEIR_METRICS}
-    metrics[RELATIVE] = {}
-    metrics[FUNNEL] = {}
+    extra: dict[str, dict[str, list[float]]] = {RELATIVE: {}, FUNNEL: {}}
     for label, (q, c, fn) in methods.items():
         qf, cf = fn(q, nesting.dim), fn(c, nesting.dim)
         for m in nesting:
             qm, cm = fn(q, m), fn(c, m)
             for metric, value in _scores(data, qm, cm).items():
                 metrics[metric].setdefault(label, []).append(round(value, 6))
-            metrics[FUNNEL].setdefault(label, []).append(round(funnel_recall(qm, cm, qf, cf), 6))
+            extra[FUNNEL].setdefault(label, []).append(round(funnel_recall(qm, cm, qf, cf), 6))
     base_full = metrics["ndcg@10"]["base truncated"][-1]
     for label, values in metrics["ndcg@10"].items():
-        metrics[RELATIVE][label] = [
-            round(v / base_full, 6) if base_full > 0 else 0.0 for v in values
-        ]
+        extra[RELATIVE][label] = [round(v / base_full, 6) if base_full > 0 else 0.0 for v in values]
     return {
         "task": f"BEIR {data.name} retrieval ({split} split)",
         "sizes": list(nesting.sizes),
@@ -196,7 +194,12 @@ def evaluate_beir(
             "adaptor_epochs": adaptor_epochs,
             "adaptor_fit_s": round(adaptor_s, 1),
             "total_s": round(time.time() - t0, 1),
-            "train": {k: meta[k] for k in ("loss", "data", "train_pairs") if k in meta},
+            "train": {
+                k: meta[k]
+                for k in ("loss", "data", "objective", "train_pairs", "train_texts")
+                if k in meta
+            },
+            "per_size": extra,
         },
     }
 
