@@ -9,6 +9,11 @@ the whole corpus, for four models:
   :class:`~matryoshka.models.adaptor.MatryoshkaAdaptor` fitted (unsupervised) on the corpus;
 * ``fine-tuned``: the run's own model (``RUN/model``), truncated.
 
+Besides :data:`BEIR_METRICS`, ``meta["per_size"]`` gives every method :data:`RELATIVE` (its
+nDCG@10 over the base model's full-size one: what forgetting or truncation costs) and
+:data:`FUNNEL` (a shortlist of 200 at each size reranked at the method's full size, against its
+own exact top 10), one value per size.
+
 The metrics come from ``pytrec_eval`` (trec_eval's own code: graded nDCG, the qrels' relevant
 documents as recall's denominator, queries averaged over the split's judged queries), fed the
 ranking this module computes; :func:`ir_metrics` is that step alone. The results have the layout
@@ -28,10 +33,15 @@ from matryoshka.data.beir import BeirData, load_beir
 from matryoshka.evaluation.metrics import top_k_indices
 from matryoshka.ops import truncate_numpy
 
-__all__ = ["BEIR_METRICS", "evaluate_beir", "ir_metrics", "rank_corpus"]
+__all__ = ["BEIR_METRICS", "FUNNEL", "RELATIVE", "evaluate_beir", "ir_metrics", "rank_corpus"]
 
 #: The metrics reported per size, in table order.
 BEIR_METRICS = ("ndcg@10", "recall@100", "mrr@10")
+#: nDCG@10 divided by the base model's full-size nDCG@10 (what each method keeps of it).
+RELATIVE = "ndcg@10 / base full size"
+#: Recall@10 of a funnel (shortlist of 200 at the size, rerank at the method's full size)
+#: against the same method's exact full-size search.
+FUNNEL = "funnel recall@10 (shortlist at size, k'=200)"
 #: A map of full-size embeddings ``(N, d)`` to size ``m``: ``(N, d), m -> (N, m)``, unit rows.
 Transform = Callable[[np.ndarray, int], np.ndarray]
 _CHUNK = 256  # queries scored at a time: (256, N) float32 scores
@@ -116,7 +126,7 @@ def evaluate_beir(
     ``cache_dir`` (default: the run's) caches the embeddings, keyed by the weights and the texts.
     Returns the results dict (values in [0, 1], one per size).
     """
-    from matryoshka.evaluation.text import fit_pca, read_text_run
+    from matryoshka.evaluation.text import fit_pca, funnel_recall, read_text_run
     from matryoshka.models.adaptor import MatryoshkaAdaptor
     from matryoshka.models.text_encoder import TextEncoder, encode_cached
     from matryoshka.nesting import Nesting
@@ -157,10 +167,17 @@ def evaluate_beir(
         "fine-tuned": (tuned_q, tuned_c, _truncate),
     }
     metrics: dict[str, dict[str, list[float]]] = {name: {} for name in BEIR_METRICS}
+    extra: dict[str, dict[str, list[float]]] = {RELATIVE: {}, FUNNEL: {}}
     for label, (q, c, fn) in methods.items():
+        qf, cf = fn(q, nesting.dim), fn(c, nesting.dim)
         for m in nesting:
-            for metric, value in _scores(data, fn(q, m), fn(c, m)).items():
+            qm, cm = fn(q, m), fn(c, m)
+            for metric, value in _scores(data, qm, cm).items():
                 metrics[metric].setdefault(label, []).append(round(value, 6))
+            extra[FUNNEL].setdefault(label, []).append(round(funnel_recall(qm, cm, qf, cf), 6))
+    base_full = metrics["ndcg@10"]["base truncated"][-1]
+    for label, values in metrics["ndcg@10"].items():
+        extra[RELATIVE][label] = [round(v / base_full, 6) if base_full > 0 else 0.0 for v in values]
     return {
         "task": f"BEIR {data.name} retrieval ({split} split)",
         "sizes": list(nesting.sizes),
@@ -177,7 +194,12 @@ def evaluate_beir(
             "adaptor_epochs": adaptor_epochs,
             "adaptor_fit_s": round(adaptor_s, 1),
             "total_s": round(time.time() - t0, 1),
-            "train": {k: meta[k] for k in ("loss", "data", "train_pairs") if k in meta},
+            "train": {
+                k: meta[k]
+                for k in ("loss", "data", "objective", "train_pairs", "train_texts")
+                if k in meta
+            },
+            "per_size": extra,
         },
     }
 

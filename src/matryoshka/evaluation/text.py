@@ -54,6 +54,7 @@ from matryoshka.training.text import (
     TEXT_MODEL_FILE,
     TEXT_MODEL_FORMAT,
     TextTrainConfig,
+    distill,
     finetune,
     sample_pairs,
 )
@@ -68,10 +69,16 @@ if TYPE_CHECKING:  # torch comes with these: imported where used, so `mrl text-e
     from matryoshka.models.text_encoder import TextEncoder
 
 __all__ = [
+    "FUNNEL_SHORTLIST",
+    "OOD_FUNNEL",
+    "OOD_NDCG",
+    "OOD_RELATIVE",
     "TextEvalConfig",
+    "docstring_scores",
     "evaluate_text_model",
     "fit_pca",
     "format_tables",
+    "funnel_recall",
     "is_text_run",
     "linear_probe",
     "read_text_run",
@@ -109,13 +116,42 @@ class TextEvalConfig(WordnetTextOptions):
     probe_limit: int = field(
         default=10000, metadata={"help": "at most this many training synsets for the probe"}
     )
+    distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "also fine-tune MRL with the distillation term of the frozen base model at "
+            "this weight ('fine-tuned MRL + keep'; 0 skips it)"
+        },
+    )
+    distill_texts: int = field(
+        default=0,
+        metadata={
+            "help": "also self-distil MiniLM on this many docstring training texts "
+            "('distilled'; 0 skips it)"
+        },
+    )
+    ood: bool = field(
+        default=True,
+        metadata={
+            "help": "also score every method on the out-of-domain docstring corpus (nDCG@10, "
+            "relative to the base model's full size, and funnel recall)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_text_options(
             self,
-            ints=(("train_pairs", 0), ("adaptor_epochs", 1), ("probe_limit", 10), ("seed", 0)),
-            floats=(("adaptor_reg", 0.0, True),),
+            ints=(
+                ("train_pairs", 0),
+                ("adaptor_epochs", 1),
+                ("probe_limit", 10),
+                ("seed", 0),
+                ("distill_texts", 0),
+            ),
+            floats=(("adaptor_reg", 0.0, True), ("distill_weight", 0.0, True)),
         )
+        if self.distill_texts == 1:
+            raise ValueError("distill_texts=1 must be 0 (skip) or at least 2 texts.")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextEvalConfig:
@@ -175,6 +211,108 @@ def _add_scores(
             metrics.setdefault(metric, {}).setdefault(label, []).append(value)
 
 
+#: The out-of-domain metrics every text report carries (per method, one value per size).
+OOD_NDCG = "ndcg@10, docstrings (out of domain)"
+OOD_RELATIVE = "ndcg@10 / base full size, docstrings (out of domain)"
+OOD_FUNNEL = "funnel recall@10 (shortlist at size, k'=200), docstrings (out of domain)"
+#: Candidates a funnel keeps from its shortlist before reranking at full size.
+FUNNEL_SHORTLIST = 200
+
+
+def funnel_recall(
+    q_short: np.ndarray,
+    c_short: np.ndarray,
+    q_full: np.ndarray,
+    c_full: np.ndarray,
+    k: int = 10,
+    shortlist: int = FUNNEL_SHORTLIST,
+) -> float:
+    """Recall@``k`` of a funnel against exact full-size search of the same vectors.
+
+    The funnel shortlists ``shortlist`` documents per query by the short vectors ``(Q, m),
+    (N, m)`` and reranks them by the full ones ``(Q, d), (N, d)``; the value is the mean share
+    of the exact full-size top-``k`` it returns (1.0: the same top ``k``).
+    """
+    k = min(k, c_full.shape[0])
+    exact = top_k_indices(q_full @ c_full.T, k)  # (Q, k)
+    cand = top_k_indices(q_short @ c_short.T, min(shortlist, c_short.shape[0]))  # (Q, k')
+    full = np.einsum("qd,qkd->qk", q_full, c_full[cand])  # (Q, k') full-size scores
+    order = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    found = np.take_along_axis(cand, order, axis=1)  # (Q, k)
+    hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact, strict=True)]
+    return float(np.mean(hits)) / k
+
+
+def docstring_scores(
+    models: dict[str, TextEncoder],
+    base: TextEncoder,
+    nesting: Nesting,
+    seed: int = 0,
+    test_size: int = 1500,
+    cache_dir: str | Path = ".cache/embeddings",
+    adaptor_epochs: int = 6,
+    progress: bool = True,
+) -> tuple[Metrics, dict[str, Any]]:
+    """Every method on the out-of-domain docstring corpus (:mod:`matryoshka.data.docstrings`).
+
+    The methods: ``base`` truncated, + PCA and + the unsupervised adaptor (both fitted on the
+    base model's embeddings of the corpus' documents, the post-hoc "corpus, no labels" setting)
+    and each of ``models`` truncated. Per size: :data:`OOD_NDCG`, :data:`OOD_RELATIVE` (divided
+    by the base model's full-size nDCG@10) and :data:`OOD_FUNNEL` (a shortlist at that size,
+    reranked at the method's full size, against its own exact full-size top 10).
+    Returns ``(metrics, meta)``; meta names the corpus, its size and the package versions.
+    """
+    from matryoshka.data.docstrings import docstring_task, load_docstring_corpus
+    from matryoshka.models.adaptor import MatryoshkaAdaptor
+    from matryoshka.models.text_encoder import encode_cached
+
+    corpus = load_docstring_corpus(seed, test_size)
+    task = docstring_task(corpus)
+    d = nesting.dim
+
+    def embed(enc: TextEncoder) -> tuple[np.ndarray, np.ndarray]:
+        q = encode_cached(task.queries, enc, cache_dir, f"{corpus.name}/queries", progress=progress)
+        c = encode_cached(
+            task.corpus, enc, cache_dir, f"{corpus.name}/documents", progress=progress
+        )
+        return q, c  # (Q, d), (N, d)
+
+    base_q, base_c = embed(base)
+    t_fit = time.time()
+    adaptor = MatryoshkaAdaptor(nesting, epochs=adaptor_epochs, seed=seed, progress=progress)
+    adaptor.fit(base_c)
+    fit_s = time.time() - t_fit
+    methods: dict[str, tuple[np.ndarray, np.ndarray, Transform]] = {
+        "base truncated": (base_q, base_c, _truncate),
+        "base + PCA": (base_q, base_c, fit_pca(base_c)),
+        "base + adaptor": (base_q, base_c, _adaptor_transform(adaptor)),
+    }
+    for label, enc in models.items():
+        methods[label] = (*embed(enc), _truncate)
+    metrics: Metrics = {OOD_NDCG: {}, OOD_RELATIVE: {}, OOD_FUNNEL: {}}
+    for label, (q, c, fn) in methods.items():
+        qf, cf = fn(q, d), fn(c, d)
+        for m in nesting:
+            qm, cm = fn(q, m), fn(c, m)
+            ndcg = retrieval_metrics(task, qm, cm)["ndcg@10"]
+            metrics[OOD_NDCG].setdefault(label, []).append(ndcg)
+            metrics[OOD_FUNNEL].setdefault(label, []).append(funnel_recall(qm, cm, qf, cf))
+    base_full = metrics[OOD_NDCG]["base truncated"][-1]
+    for label, values in metrics[OOD_NDCG].items():
+        metrics[OOD_RELATIVE][label] = [v / base_full if base_full > 0 else 0.0 for v in values]
+    meta = {
+        "task": f"{task.name} on {corpus.name} (one relevant document per query)",
+        "queries": len(task.queries),
+        "corpus": len(task.corpus),
+        "pairs_available": corpus.n_pairs,
+        "versions": corpus.versions,
+        "modules": len(corpus.modules),
+        "fits": "PCA and adaptor fitted on the base model's embeddings of the corpus documents",
+        "adaptor_fit_s": round(fit_s, 1),
+    }
+    return metrics, meta
+
+
 def is_text_run(path: str | Path) -> bool:
     """Whether ``path`` is a run folder (or its ``text_model.json``) written by
     :func:`~matryoshka.training.text.train_text`."""
@@ -202,7 +340,11 @@ def read_text_run(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def evaluate_text_model(
-    path: str | Path, cache_dir: str | Path | None = None, progress: bool = True
+    path: str | Path,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    ood: bool = True,
+    adaptor_epochs: int = 6,
 ) -> dict[str, Any]:
     """Per-size retrieval (definition -> lemmas) of a saved text run on its held-out synsets.
 
@@ -210,12 +352,17 @@ def evaluate_text_model(
     [...]}}, "meta"}`` with values in [0, 1], one per size; a 2D run (``layers``) adds one entry
     per early exit (``"fine-tuned, exit after layer l of L"``) and the base model's mean pool at
     the same layer (``"base, exit after ..."``). ``cache_dir`` defaults to the run's own.
+    ``ood``: also the out-of-domain docstring corpus (:func:`docstring_scores`: the run next to
+    the base model truncated, + PCA and + an adaptor of ``adaptor_epochs`` fitted on the corpus),
+    under the :data:`OOD_NDCG`, :data:`OOD_RELATIVE` and :data:`OOD_FUNNEL` metrics.
+    A distillation run (``objective: distill``) is scored on WordNet's held-out synsets whatever
+    its texts were: they hold no WordNet pairs.
     """
     from matryoshka.models.text_encoder import TextEncoder, encode_cached
 
     folder, meta = read_text_run(path)
     config = TextTrainConfig.from_dict(meta["config"])
-    if config.data is not None:
+    if config.data is not None and config.objective != "distill":
         raise ValueError(
             f"{folder} was trained on your data (data={config.data!r}), not on WordNet: its "
             f"held-out synsets mean nothing for it; score it on a BEIR folder with "
@@ -245,11 +392,24 @@ def evaluate_text_model(
             for j, layer in enumerate(exits):
                 label = f"{who}, exit after layer {layer + 1} of {enc.n_layers}"
                 _add_scores(metrics, label, task, q[j], c[j], config.sizes)
+    extra: dict[str, Any] = {}
+    if ood:
+        ood_metrics, extra["out_of_domain"] = docstring_scores(
+            {"fine-tuned": tuned},
+            base,
+            Nesting(list(config.sizes)),
+            seed=config.seed,
+            test_size=config.ood_test_size,
+            cache_dir=cache,
+            adaptor_epochs=adaptor_epochs,
+            progress=progress,
+        )
+        metrics.update(ood_metrics)
     return {
         "task": "wordnet definition->lemmas retrieval (held-out synsets)",
         "sizes": list(config.sizes),
         "metrics": metrics,
-        "meta": {"queries": len(task.queries), "corpus": len(task.corpus), **meta},
+        "meta": {"queries": len(task.queries), "corpus": len(task.corpus), **meta, **extra},
     }
 
 
@@ -328,8 +488,10 @@ def _finetuned_methods(
     """
     methods: dict[str, tuple[TextEncoder, Transform]] = {}
     finetune_s: dict[str, float] = {}
-    variants = (("fine-tuned MRL", True), ("fine-tuned plain", False))
-    for name, mrl in variants if config.train_pairs > 0 else ():  # 0: skip (slow on a busy CPU)
+    variants = [("fine-tuned MRL", True, 0.0), ("fine-tuned plain", False, 0.0)]
+    if config.distill_weight > 0:
+        variants.append(("fine-tuned MRL + keep", True, config.distill_weight))
+    for name, mrl, weight in variants if config.train_pairs > 0 else ():  # 0: skip (slow CPU)
         t_ft = time.time()
         ft = finetune(
             base,
@@ -339,11 +501,36 @@ def _finetuned_methods(
             matryoshka=mrl,
             seed=config.seed,
             progress=config.progress,
+            distill_weight=weight,
+            cache_dir=config.cache_dir,
         )
         finetune_s[name] = time.time() - t_ft
-        ft.name = f"minilm-ft-{'mrl' if mrl else 'plain'}-{config.train_pairs}"
+        keep = f"-keep{weight:g}" if weight > 0 else ""
+        ft.name = f"minilm-ft-{'mrl' if mrl else 'plain'}{keep}-{config.train_pairs}"
         methods[name] = (ft, _truncate)
     return methods, finetune_s
+
+
+def _distilled(
+    base: TextEncoder, nesting: Nesting, config: TextEvalConfig
+) -> tuple[TextEncoder, float]:
+    """MiniLM self-distilled on ``distill_texts`` docstring training texts (a seeded sample;
+    the held-out docstring pairs excluded). Returns ``(encoder, seconds)``."""
+    from matryoshka.data.docstrings import load_docstring_corpus
+
+    texts = list(load_docstring_corpus(config.seed, config.ood_test_size).train_texts)
+    pick = np.random.default_rng(config.seed).permutation(len(texts))[: config.distill_texts]
+    t0 = time.time()
+    enc = distill(
+        base,
+        [texts[i] for i in sorted(pick.tolist())],
+        nesting,
+        seed=config.seed,
+        progress=config.progress,
+        cache_dir=config.cache_dir,
+    )
+    enc.name = f"minilm-distilled-{config.distill_texts}"
+    return enc, time.time() - t0
 
 
 def _retrieval_scores(
@@ -462,6 +649,9 @@ def run_wordnet_evaluation(config: TextEvalConfig) -> dict[str, Any]:
     pairs = sample_pairs(train, config.train_pairs, config.seed)
     tuned, finetune_s = _finetuned_methods(base, pairs, nesting, config)
     methods.update(tuned)
+    if config.distill_texts > 0:
+        tuned_d, finetune_s["distilled"] = _distilled(base, nesting, config)
+        methods["distilled"] = (tuned_d, _truncate)
 
     # The main task reports every metric; the other two (same held-out synsets) nDCG@10.
     task = definition_to_lemmas(test)
@@ -469,6 +659,20 @@ def run_wordnet_evaluation(config: TextEvalConfig) -> dict[str, Any]:
     metrics["lexname probe accuracy"], n_probe = _probe_scores(
         train, test, linear, tr_def, lambda t, w: emb(base, t, w), nesting, config
     )
+    ood_meta: dict[str, Any] = {}
+    if config.ood:
+        encoders = {name: enc for name, (enc, _) in methods.items() if enc is not base}
+        ood_metrics, ood_meta = docstring_scores(
+            encoders,
+            base,
+            nesting,
+            seed=config.seed,
+            test_size=config.ood_test_size,
+            cache_dir=config.cache_dir,
+            adaptor_epochs=config.adaptor_epochs,
+            progress=config.progress,
+        )
+        metrics.update(ood_metrics)
     results: dict[str, Any] = {
         "task": "wordnet definition->lemmas retrieval (and lemmas->definition, "
         "example->definition); definition->lexname probe",
@@ -485,6 +689,9 @@ def run_wordnet_evaluation(config: TextEvalConfig) -> dict[str, Any]:
             "seed": config.seed,
             "adaptor_fit_s": {k: round(v, 1) for k, v in adaptor_s.items()},
             "finetune_s": {k: round(v, 1) for k, v in finetune_s.items()},
+            "distill_weight": config.distill_weight,
+            "distill_texts": config.distill_texts,
+            **({"out_of_domain": ood_meta} if ood_meta else {}),
             "total_s": round(time.time() - t0, 1),
         },
     }
@@ -493,16 +700,20 @@ def run_wordnet_evaluation(config: TextEvalConfig) -> dict[str, Any]:
 
 
 def format_tables(
-    results: dict[str, Any], metrics: Sequence[str] = ("ndcg@10", "lexname probe accuracy")
+    results: dict[str, Any],
+    metrics: Sequence[str] = ("ndcg@10", "lexname probe accuracy", OOD_RELATIVE, OOD_FUNNEL),
 ) -> str:
-    """Plain-text tables of ``metrics`` (rows: methods, columns: sizes) from a results dict."""
+    """Plain-text tables of ``metrics`` (rows: methods, columns: sizes) from a results dict;
+    metrics the results do not hold are left out."""
     sizes = results["sizes"]
     lines: list[str] = []
     for metric in metrics:
         if metric not in results["metrics"]:
             continue
+        table = results["metrics"][metric]
+        w = max(18, *(len(name) + 2 for name in table))
         lines.append(metric)
-        lines.append(f"{'method':<18}" + "".join(f"{m:>8}" for m in sizes))
-        for method, vals in results["metrics"][metric].items():
-            lines.append(f"{method:<18}" + "".join(f"{v:>8.3f}" for v in vals))
+        lines.append(f"{'method':<{w}}" + "".join(f"{m:>8}" for m in sizes))
+        for method, vals in table.items():
+            lines.append(f"{method:<{w}}" + "".join(f"{v:>8.3f}" for v in vals))
     return "\n".join(lines)

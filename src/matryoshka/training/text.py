@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import os
 import shutil
@@ -54,19 +55,28 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
     from matryoshka.data.wordnet import Synset
+    from matryoshka.losses.distill import MatryoshkaDistillLoss
     from matryoshka.losses.sentence_transformers import FusedMatryoshkaLoss
     from matryoshka.models.text_encoder import TextEncoder
     from matryoshka.nesting import Nesting
 
 __all__ = [
     "CHECKPOINTS",
+    "OBJECTIVES",
     "TEXT_MODEL_FILE",
     "TEXT_MODEL_FORMAT",
+    "DistillOptions",
     "TextTrainConfig",
+    "add_rotation",
+    "build_distill_loss",
     "build_loss",
+    "distill",
     "finetune",
+    "freeze_all_but_last",
     "latest_checkpoint",
+    "pca_rotation",
     "sample_pairs",
+    "teacher_labels",
     "train_text",
 ]
 
@@ -76,6 +86,8 @@ TEXT_MODEL_FILE = "text_model.json"
 TEXT_MODEL_FORMAT = "matryoshka.text_model/1"
 #: The trainer's checkpoint folder inside a run folder (removed once the run has finished).
 CHECKPOINTS = "checkpoints"
+#: The values of ``objective``: the Matryoshka loss on pairs, or self-distillation on texts.
+OBJECTIVES = ("contrastive", "distill")
 
 
 @dataclass
@@ -160,8 +172,67 @@ class TextTrainConfig(WordnetTextOptions):
     wordnet_root: str = field(
         default="/usr/share/wordnet", metadata={"help": "WordNet data folder"}
     )
+    objective: str = field(
+        default="contrastive",
+        metadata={
+            "help": "contrastive: the Matryoshka loss on pairs; distill: unlabeled texts, every "
+            "prefix keeps the frozen base model's similarity structure (self-distillation)",
+            "choices": OBJECTIVES,
+        },
+    )
+    text_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "distill: the column of texts in a .jsonl/.csv/.parquet/datasets data "
+            "(default: text); a .txt data file has one text per line"
+        },
+    )
+    max_texts: int | None = field(
+        default=None,
+        metadata={"help": "distill: train on a seeded sample of at most this many texts"},
+    )
+    distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "contrastive: add this weight x the distillation term (prefix similarity "
+            "structure + keep) of the frozen base model, so narrow pairs do not make it forget "
+            "(0: off)"
+        },
+    )
+    keep_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "distillation term: weight of 1 - cos(full-size output, base model's output)"
+        },
+    )
+    pairwise_weight: float = field(
+        default=1.0,
+        metadata={"help": "distillation term: weight of the pairwise prefix-cosine error"},
+    )
+    listwise_weight: float = field(
+        default=1.0,
+        metadata={"help": "distillation term: weight of the listwise neighbour KL"},
+    )
+    listwise_temperature: float = field(
+        default=0.05, metadata={"help": "distillation term: softmax temperature of the KL"}
+    )
+    rotate: bool = field(
+        default=True,
+        metadata={
+            "help": "distill: start the student from the uncentred PCA rotation of the "
+            "teacher's embeddings (a Dense layer after pooling; same full-size cosines)"
+        },
+    )
+    trainable_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "train only the last N transformer layers (the rest, embeddings included, "
+            "frozen; default: the whole model)"
+        },
+    )
 
     def __post_init__(self) -> None:
+        self._check_objective()
         if self.task != "text":
             raise ValueError(f"task={self.task!r} must be 'text' in a text training recipe.")
         check_text_options(
@@ -217,6 +288,68 @@ class TextTrainConfig(WordnetTextOptions):
                 "evaluation set while training; drop eval_data (mrl eval scores the run after)."
             )
 
+    def _check_objective(self) -> None:
+        """Validate ``objective`` and the options that go with it."""
+        if self.objective not in OBJECTIVES:
+            close = difflib.get_close_matches(str(self.objective), OBJECTIVES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(
+                f"objective={self.objective!r} is not one of {list(OBJECTIVES)}: {hint}use "
+                "contrastive for (anchor, positive) pairs or distill for unlabeled texts."
+            )
+        for name, example in (
+            ("distill_weight", "0.5"),
+            ("keep_weight", "1.0"),
+            ("pairwise_weight", "1.0"),
+            ("listwise_weight", "1.0"),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
+                raise ValueError(f"{name}={v!r} must be a float >= 0, e.g. {example}.")
+        t = self.listwise_temperature
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < float("inf"):
+            raise ValueError(f"listwise_temperature={t!r} must be a positive float, e.g. 0.05.")
+        for name, low in (("max_texts", 2), ("trainable_layers", 1)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise ValueError(f"{name}={v!r} must be null or an int >= {low}.")
+        if self.text_column is not None and (
+            not isinstance(self.text_column, str) or not self.text_column
+        ):
+            raise ValueError(f"text_column={self.text_column!r} must be a column name, e.g. text.")
+        if self.objective == "distill":
+            clashes = {
+                "columns": (self.columns is not None, "name the column of texts with text_column"),
+                "layers": (self.layers is not None, "the 2D loop trains pairs only"),
+                "n_sizes_per_step": (
+                    self.n_sizes_per_step is not None,
+                    "distillation scores every size each step",
+                ),
+                "matryoshka": (not self.matryoshka, "distillation trains every prefix"),
+                "distill_weight": (
+                    self.distill_weight > 0,
+                    "objective: distill is the distillation term alone",
+                ),
+            }
+            for name, (bad, why) in clashes.items():
+                if bad:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} with objective: distill: {why}; drop "
+                        f"{name} (or use objective: contrastive)."
+                    )
+        else:
+            if self.text_column is not None or self.max_texts is not None:
+                name = "text_column" if self.text_column is not None else "max_texts"
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is for objective: distill (unlabeled "
+                    "texts); drop it, or set objective: distill."
+                )
+            if self.distill_weight > 0 and self.layers is not None:
+                raise ValueError(
+                    f"distill_weight={self.distill_weight} with layers: the 2D loop has no "
+                    "distillation term; drop one of them."
+                )
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextTrainConfig:
         """Build from a mapping (e.g. a YAML recipe); unknown keys are an error naming them."""
@@ -245,6 +378,144 @@ def build_loss(
         n_dims_per_step=-1 if n_sizes_per_step is None else n_sizes_per_step,
         scale=1.0 / temperature,
     )
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """The distillation term's weights (:class:`~matryoshka.losses.distill.MatryoshkaDistillLoss`)."""
+
+    keep_weight: float = 1.0
+    pairwise_weight: float = 1.0
+    listwise_weight: float = 1.0
+    listwise_temperature: float = 0.05
+
+    @classmethod
+    def of(cls, config: TextTrainConfig) -> DistillOptions:
+        """The options of a recipe."""
+        return cls(
+            config.keep_weight,
+            config.pairwise_weight,
+            config.listwise_weight,
+            config.listwise_temperature,
+        )
+
+
+def build_distill_loss(
+    model: SentenceTransformer, sizes: Sequence[int], options: DistillOptions = DistillOptions()
+) -> MatryoshkaDistillLoss:
+    """:class:`~matryoshka.losses.distill.MatryoshkaDistillLoss` over ``sizes`` with ``options``."""
+    from matryoshka.losses.distill import MatryoshkaDistillLoss
+
+    return MatryoshkaDistillLoss(
+        model,
+        list(sizes),
+        keep_weight=options.keep_weight,
+        pairwise_weight=options.pairwise_weight,
+        listwise_weight=options.listwise_weight,
+        temperature=options.listwise_temperature,
+    )
+
+
+def freeze_all_but_last(model: SentenceTransformer, n: int | None) -> None:
+    """Train only the last ``n`` transformer layers of ``model`` (``None``: all of it): every
+    other parameter, the token embeddings included, gets ``requires_grad = False`` (the trainer's
+    optimizer skips them and backward stops below the first trained layer)."""
+    if n is None:
+        return
+    auto = model[0].auto_model
+    blocks = getattr(getattr(auto, "encoder", None), "layer", None)
+    if blocks is None:
+        raise ValueError(
+            f"trainable_layers={n}: {type(auto).__name__} has no encoder.layer list of "
+            "transformer blocks (a BERT-style model); drop trainable_layers to train it whole."
+        )
+    if n > len(blocks):
+        raise ValueError(
+            f"trainable_layers={n} but the model has {len(blocks)} transformer layers: pass at "
+            f"most {len(blocks)} (or null for the whole model)."
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in list(blocks)[len(blocks) - n :]:
+        for p in block.parameters():
+            p.requires_grad_(True)
+
+
+def pca_rotation(embeddings: np.ndarray) -> np.ndarray:
+    """The uncentred PCA rotation of unit rows ``(n, d) -> (d, d)``: ``x R`` has the same
+    cosines as ``x`` and its prefixes are the best rank-``m`` inner-product approximations
+    (with fewer rows than dimensions the basis is completed)."""
+    x = embeddings.astype(np.float64)
+    _, _, vh = np.linalg.svd(x, full_matrices=x.shape[0] < x.shape[1])
+    return np.ascontiguousarray(vh.T.astype(np.float32))  # (d, d)
+
+
+def add_rotation(model: SentenceTransformer, rotation: np.ndarray) -> None:
+    """Insert a bias-free, identity-activation ``Dense`` layer ``y = x R`` (``R (d, d)``) into
+    ``model`` after pooling (before its ``Normalize``, if any), in place: the saved folder is
+    still a plain sentence-transformers model."""
+    import collections
+
+    import torch
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+
+    d = rotation.shape[0]
+    dense = Dense(
+        d,
+        d,
+        bias=False,
+        activation_function=torch.nn.Identity(),
+        init_weight=torch.from_numpy(rotation.T.copy()),  # Dense computes x W^T
+    ).to(model.device)
+    mods = list(model._modules.values())
+    at = next((i for i, m in enumerate(mods) if isinstance(m, Normalize)), len(mods))
+    mods.insert(at, dense)
+    model._modules = collections.OrderedDict((str(i), m) for i, m in enumerate(mods))
+
+
+def _no_dropout(model: SentenceTransformer) -> None:
+    """Switch dropout off in ``model`` (the teacher's targets are exact; dropout would only add
+    noise to the student's side of every term)."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def _distill_start(
+    model: SentenceTransformer, labels: np.ndarray, rotate: bool
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Prepare the student (dropout off; with ``rotate`` the PCA rotation of the teacher's
+    embeddings ``labels (n, d)`` added) and return the targets ``(n, d)`` it must keep."""
+    _no_dropout(model)
+    if not rotate:
+        return labels, {"rotation": None}
+    rot = pca_rotation(labels)
+    add_rotation(model, rot)
+    return labels @ rot, {"rotation": "uncentred PCA of the teacher's embeddings of the texts"}
+
+
+def teacher_labels(
+    teacher: TextEncoder,
+    columns: Sequence[Sequence[str]],
+    cache_dir: str | Path,
+    key: str,
+    progress: bool = True,
+) -> np.ndarray:
+    """The teacher's unit embeddings of ``C`` equally long text columns, concatenated per row:
+    ``C x N`` texts ``-> (N, C d)`` float32 (each distinct text encoded once, cached on disk)."""
+    from matryoshka.models.text_encoder import encode_cached
+
+    distinct = list(dict.fromkeys(t for col in columns for t in col))
+    emb = encode_cached(distinct, teacher, cache_dir, key=key, progress=progress)  # (U, d)
+    row = {t: i for i, t in enumerate(distinct)}
+    return np.concatenate([emb[[row[t] for t in col]] for col in columns], axis=1)
+
+
+def _with_labels(dataset: Dataset, labels: np.ndarray) -> Dataset:
+    """``dataset`` plus a last ``label`` column of ``labels (N, w)`` rows."""
+    return dataset.add_column("label", labels.tolist())  # type: ignore[arg-type]
 
 
 def _cuda() -> bool:
@@ -412,7 +683,7 @@ def _eval_set(config: TextTrainConfig) -> Any:
 def _run_trainer(
     model: SentenceTransformer,
     dataset: Dataset,
-    loss: FusedMatryoshkaLoss,
+    loss: Any,
     args: Any,
     evaluator: Any = None,
     resume_from: Path | None = None,
@@ -444,6 +715,9 @@ def finetune(
     progress: bool = True,
     n_sizes_per_step: int | None = None,
     layers: Sequence[int] | None = None,
+    distill_weight: float = 0.0,
+    distill_options: DistillOptions = DistillOptions(),
+    cache_dir: str | Path = ".cache/embeddings",
 ) -> TextEncoder:
     """Fine-tune a copy of ``encoder`` on (anchor, positive) pairs with in-batch negatives.
 
@@ -459,6 +733,9 @@ def finetune(
     of those layers, ``(len(layers), B, d)``, 0-based; the last entry must be the model's last
     layer), trained by a hand-written AdamW loop: a sentence-transformers loss sees only the
     final embedding.
+    ``distill_weight > 0``: add that weight x the distillation term against ``encoder`` frozen
+    (:class:`~matryoshka.losses.distill.KeepTeacherLoss`; its teacher embeddings are cached under
+    ``cache_dir``), so the fine-tune keeps the base model's general similarity structure.
     """
     from matryoshka.data.pairs import pairs_from_lists
     from matryoshka.models.text_encoder import TextEncoder
@@ -485,7 +762,18 @@ def finetune(
             n_sizes_per_step,
             layers,
         )
-    loss = build_loss(model.model, nesting.sizes, matryoshka, temperature, n_sizes_per_step)
+    loss: Any = build_loss(model.model, nesting.sizes, matryoshka, temperature, n_sizes_per_step)
+    dataset = pairs_from_lists(anchors, positives)
+    if distill_weight > 0:
+        from matryoshka.losses.distill import KeepTeacherLoss
+
+        loss = KeepTeacherLoss(
+            loss, build_distill_loss(model.model, nesting.sizes, distill_options), distill_weight
+        )
+        labels = teacher_labels(
+            encoder, [anchors, positives], cache_dir, "finetune/teacher", progress
+        )
+        dataset = _with_labels(dataset, labels)
     with tempfile.TemporaryDirectory(prefix="mrl-finetune-") as tmp:
         args = _training_arguments(
             tmp,
@@ -496,7 +784,61 @@ def finetune(
             progress=progress,
             save=False,
         )
-        _run_trainer(model.model, pairs_from_lists(anchors, positives), loss, args)
+        _run_trainer(model.model, dataset, loss, args)
+    model.model.eval()
+    return model
+
+
+def distill(
+    encoder: TextEncoder,
+    texts: Sequence[str],
+    nesting: Nesting,
+    batch_size: int = 64,
+    lr: float = 1e-4,
+    epochs: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    options: DistillOptions = DistillOptions(),
+    trainable_layers: int | None = None,
+    cache_dir: str | Path = ".cache/embeddings",
+    rotate: bool = True,
+) -> TextEncoder:
+    """Self-distil a copy of ``encoder`` on unlabeled ``texts`` (at least 2): every prefix of
+    ``nesting`` learns to keep ``encoder``'s full-size similarity structure, the full size stays
+    near ``encoder``'s output (:class:`~matryoshka.losses.distill.MatryoshkaDistillLoss`; the
+    teacher's embeddings are computed once and cached under ``cache_dir``). Runs
+    ``SentenceTransformerTrainer`` (no checkpoints); ``trainable_layers``: only the last ``n``
+    transformer layers learn. ``rotate``: the student starts from ``encoder`` followed by the
+    uncentred PCA rotation of the teacher's embeddings of ``texts`` (a ``Dense`` layer; same
+    full-size cosines, prefixes at PCA quality from step 0) and keeps that rotated output.
+    Dropout is off while training. Returns the copy, in eval mode; ``encoder`` is unchanged.
+    """
+    from datasets import Dataset
+
+    from matryoshka.models.text_encoder import TextEncoder
+
+    texts = list(dict.fromkeys(texts))
+    if len(texts) < 2:
+        raise ValueError(f"texts has {len(texts)} distinct text(s): distil on at least 2.")
+    labels = teacher_labels(encoder, [texts], cache_dir, "distill/teacher", progress)
+    model = TextEncoder(copy.deepcopy(encoder.model), name=f"{encoder.name}-distilled")
+    labels, _ = _distill_start(model.model, labels, rotate)
+    freeze_all_but_last(model.model, trainable_layers)
+    loss = build_distill_loss(model.model, nesting.sizes, options)
+    dataset = _with_labels(Dataset.from_dict({"text": texts}), labels)
+    with tempfile.TemporaryDirectory(prefix="mrl-distill-") as tmp:
+        args = _training_arguments(
+            tmp,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            progress=progress,
+            save=False,
+        )
+        _run_trainer(model.model, dataset, loss, args)
+    for p in model.model.parameters():
+        p.requires_grad_(True)
     model.model.eval()
     return model
 
@@ -583,6 +925,32 @@ def _training_pairs(config: TextTrainConfig) -> tuple[Dataset, dict[str, Any]]:
     return ds, {"source": "wordnet (definition, lemmas)", "rows": len(ds)}
 
 
+def _distill_texts(config: TextTrainConfig) -> tuple[list[str], dict[str, Any]]:
+    """The recipe's unlabeled texts (``data``, or the docstring corpus' training texts when it is
+    absent), a seeded sample of at most ``max_texts``, and a description of them."""
+    if config.data is not None:
+        from matryoshka.data.texts import load_texts
+
+        texts = load_texts(config.data, config.text_column)
+        info: dict[str, Any] = {"source": config.data, "text_column": config.text_column}
+    else:
+        from matryoshka.data.docstrings import load_docstring_corpus
+
+        corpus = load_docstring_corpus(config.seed, config.ood_test_size)
+        texts = list(corpus.train_texts)
+        info = {
+            "source": "docstrings of installed packages (training texts; the held-out "
+            f"{corpus.test_size} pairs excluded)",
+            "versions": corpus.versions,
+        }
+    info["texts_available"] = len(texts)
+    if config.max_texts is not None and len(texts) > config.max_texts:
+        pick = np.random.default_rng(config.seed).permutation(len(texts))[: config.max_texts]
+        texts = [texts[i] for i in sorted(pick.tolist())]
+    info["rows"] = len(texts)
+    return texts, info
+
+
 def _replace_folder(tmp: Path, final: Path) -> None:
     """Move the finished folder ``tmp`` to ``final``: readers see the old folder or the whole new
     one, never a half-written one (the old one is renamed aside first, then deleted)."""
@@ -648,7 +1016,13 @@ def train_text(config: TextTrainConfig) -> Path:
             "layers to train with the trainer)."
         )
     resume_from = _resume_from(out, config.resume) if config.layers is None else None
-    dataset, data_info = _training_pairs(config)
+    if config.objective == "distill":
+        texts, data_info = _distill_texts(config)
+        from datasets import Dataset
+
+        dataset = Dataset.from_dict({"text": texts})
+    else:
+        dataset, data_info = _training_pairs(config)
     meta: dict[str, Any] = {
         "format": TEXT_MODEL_FORMAT,
         "config": dataclasses.asdict(config),
@@ -661,7 +1035,8 @@ def train_text(config: TextTrainConfig) -> Path:
         ),
         "sizes": list(nesting.sizes) if config.matryoshka else [nesting.dim],
         "data": data_info,
-        "train_pairs": len(dataset),
+        "objective": config.objective,
+        ("train_texts" if config.objective == "distill" else "train_pairs"): len(dataset),
     }
     if config.layers is not None:
         if len(dataset.column_names) > 2:
@@ -699,9 +1074,27 @@ def train_text(config: TextTrainConfig) -> Path:
         _save_run(tuned.model, out, meta, base.name, loss_name)
         return out
     model = base.model
-    loss = build_loss(
-        model, nesting.sizes, config.matryoshka, config.temperature, config.n_sizes_per_step
-    )
+    loss: Any
+    if config.objective == "distill":
+        loss = build_distill_loss(model, nesting.sizes, DistillOptions.of(config))
+    else:
+        loss = build_loss(
+            model, nesting.sizes, config.matryoshka, config.temperature, config.n_sizes_per_step
+        )
+    if config.objective == "distill" or config.distill_weight > 0:
+        # the teacher: the base model before any step, its embeddings computed once
+        columns = [list(dataset[c]) for c in dataset.column_names]
+        key = f"{config.objective}/teacher"
+        labels = teacher_labels(base, columns, config.cache_dir, key, config.progress)
+        if config.objective == "distill":
+            labels, meta["start"] = _distill_start(model, labels, config.rotate)
+        dataset = _with_labels(dataset, labels)
+        if config.distill_weight > 0:
+            from matryoshka.losses.distill import KeepTeacherLoss
+
+            distill_term = build_distill_loss(model, nesting.sizes, DistillOptions.of(config))
+            loss = KeepTeacherLoss(loss, distill_term, config.distill_weight)
+    freeze_all_but_last(model, config.trainable_layers)
     evaluator = _eval_set(config)
     args = _training_arguments(
         out / CHECKPOINTS,
@@ -716,6 +1109,8 @@ def train_text(config: TextTrainConfig) -> Path:
         evaluate=evaluator is not None,
     )
     trainer = _run_trainer(model, dataset, loss, args, evaluator, resume_from)
+    for p in model.parameters():
+        p.requires_grad_(True)  # the saved model is a whole, trainable model again
     if not trainer.is_world_process_zero():
         return out
     loss_name = type(loss).__name__

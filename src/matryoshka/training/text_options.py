@@ -25,7 +25,7 @@ __all__ = [
 @dataclass
 class WordnetTextOptions:
     """The options every WordNet text recipe shares: sizes, the seeded split, the pairs, the
-    cache. :class:`~matryoshka.training.text.TextTrainConfig` and
+    out-of-domain split, the cache. :class:`~matryoshka.training.text.TextTrainConfig` and
     :class:`~matryoshka.evaluation.text.TextEvalConfig` extend it."""
 
     sizes: list[int] = field(
@@ -43,6 +43,13 @@ class WordnetTextOptions:
         default=8000, metadata={"help": "(definition, lemmas) pairs to fine-tune MiniLM on"}
     )
     seed: int = field(default=0, metadata={"help": "seed of the split, sampling and training"})
+    ood_test_size: int = field(
+        default=1500,
+        metadata={
+            "help": "out-of-domain check: docstring pairs held out as queries and corpus (the "
+            "rest of the docstrings are the default distillation texts)"
+        },
+    )
     cache_dir: str = field(default=".cache/embeddings", metadata={"help": "embedding cache folder"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -69,7 +76,7 @@ def check_text_options(
             f"train_fraction={config.train_fraction} + test_fraction={config.test_fraction} > 1: "
             "the splits must not overlap; make them sum to at most 1."
         )
-    for name, low in ints:
+    for name, low in (*ints, ("ood_test_size", 10)):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}={value!r} must be an int >= {low}.")
