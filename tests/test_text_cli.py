@@ -268,6 +268,7 @@ def test_text_eval_reads_a_recipe_and_flags_override_it(
         "train_pairs": 50,
         "adaptor_epochs": 1,
         "cache_dir": str(shared_cache),
+        "ood_test_size": 20,
         "progress": False,
     }
     recipe.write_text(yaml.safe_dump(config))

@@ -93,6 +93,7 @@ def test_tiny_wordnet_evaluation_writes_a_report(tmp_path: Path, shared_cache: P
             train_pairs=16,  # one fine-tuning step per variant
             adaptor_epochs=1,
             cache_dir=str(shared_cache),
+            ood_test_size=20,  # the out-of-domain check, on 20 docstring pairs
             progress=False,
         )
     )

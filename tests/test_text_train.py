@@ -102,6 +102,7 @@ def test_train_then_eval_a_text_run(tmp_path: Path, capsys: pytest.CaptureFixtur
                 "lr": 1e-4,
                 "out_dir": str(out),
                 "cache_dir": str(tmp_path / "cache"),
+                "ood_test_size": 20,  # the out-of-domain check, on 20 docstring pairs
                 "progress": False,
             }
         )
@@ -143,6 +144,7 @@ def test_2d_training_with_sampled_sizes(tmp_path: Path) -> None:
         "lr": 1e-4,
         "n_sizes_per_step": 2,
         "cache_dir": str(tmp_path / "cache"),
+        "ood_test_size": 20,
         "progress": False,
     }
     with pytest.raises(ValueError, match=r"layers=\[1, 3\] must end at the model's last layer \(5"):

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from matryoshka._validate import as_embeddings, check_nesting, positive_int
 from matryoshka.io import atomic_write_bytes
 from matryoshka.losses.contrastive import MatryoshkaContrastiveLoss
+from matryoshka.losses.distill import similarity_distill_loss
 from matryoshka.nesting import Nesting
 from matryoshka.ops import normalize, prefix_similarities, truncate_numpy
 
@@ -197,26 +198,26 @@ class MatryoshkaAdaptor:
     def _similarity_loss(
         self, y: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """Pairwise + listwise (+ top-k) similarity preservation: ``(B, d), (B, B) -> scalar``."""
-        sims = prefix_similarities(y, y, self.nesting)  # (L, B, B) cosines of every prefix
-        per = torch.zeros_like(weights)  # (L,)
-        err = (sims - target).abs() if self.pairwise_weight > 0 or self.topk_weight > 0 else None
-        if err is not None and self.pairwise_weight > 0:
-            per = per + self.pairwise_weight * err.mean(dim=(1, 2))
+        """Pairwise + listwise (+ top-k) similarity preservation: ``(B, d), (B, B) -> scalar``.
+
+        The pairwise and listwise terms are :func:`~matryoshka.losses.distill.similarity_distill_loss`
+        (the same objective the self-distilled encoder is trained with)."""
+        loss, _ = similarity_distill_loss(
+            y,
+            target,
+            self.nesting,
+            weights,
+            pairwise_weight=self.pairwise_weight,
+            listwise_weight=self.listwise_weight,
+            temperature=self.listwise_temperature,
+        )
         k = min(self.top_k + 1, target.shape[1])
-        if err is not None and self.topk_weight > 0 and k > 1:
+        if self.topk_weight > 0 and k > 1:
+            err = (prefix_similarities(y, y, self.nesting) - target).abs()  # (L, B, B)
             nn_idx = target.topk(k, dim=1).indices[:, 1:]  # (B, k-1), skipping the row itself
             top = err.gather(2, nn_idx.expand(err.shape[0], -1, -1)).mean(dim=(1, 2))  # (L,)
-            per = per + self.topk_weight * top
-        if self.listwise_weight > 0 and target.shape[0] > 1:
-            # Cosines lie in [-1, 1]: -4 / t puts the row itself below every real neighbour.
-            t = self.listwise_temperature
-            eye = torch.eye(target.shape[0], dtype=torch.bool, device=target.device)
-            log_p = torch.log_softmax(target.masked_fill(eye, -4.0) / t, dim=1)  # (B, B)
-            log_q = torch.log_softmax(sims.masked_fill(eye, -4.0) / t, dim=2)  # (L, B, B)
-            kl = (log_p.exp() * (log_p - log_q)).sum(2).mean(1)  # (L,)
-            per = per + self.listwise_weight * kl
-        return (weights * per).sum()
+            loss = loss + (weights * self.topk_weight * top).sum()
+        return loss
 
     def fit(
         self,
