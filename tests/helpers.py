@@ -3,14 +3,17 @@ an in-process ``mrl`` run, a seconds-long training config."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import importlib.util
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Literal, overload
 
 import numpy as np
 
 from matryoshka.training.config import TrainConfig
 
-__all__ = ["LiveServer", "clustered", "run_cli", "tiny_train_config"]
+__all__ = ["LiveServer", "clustered", "have", "pgserver_url", "run_cli", "tiny_train_config"]
 
 
 @overload
@@ -109,3 +112,29 @@ class LiveServer:
         self.client.close()
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def have(*modules: str) -> bool:
+    """Whether every named module can be imported."""
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+@contextlib.contextmanager
+def pgserver_url(folder: Path) -> Iterator[str]:
+    """A real PostgreSQL (pgserver, pgvector inside) on a private data ``folder``: its URL,
+    stopped on exit; skips the test when the pgvector extra is missing."""
+    import warnings
+
+    import pytest
+
+    if not have("pgserver", "psycopg", "pgvector"):
+        pytest.skip("pgserver/psycopg/pgvector not installed: pip install 'matryoshka[pgvector]'")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import pgserver
+
+        server = pgserver.get_server(folder, cleanup_mode="stop")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()

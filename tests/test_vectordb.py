@@ -6,7 +6,6 @@ and Milvus Lite on a temp file; each starts once per module and is stopped at th
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sys
 import tempfile
@@ -21,15 +20,11 @@ import pytest
 from matryoshka.retrieval.funnel import FunnelRetriever, FunnelSpec, recall_vs_reference
 from matryoshka.retrieval.index import NO_SCORE, ExactIndex
 from matryoshka.retrieval.vectordb import DatabaseFunnel, open_vectordb
-from tests.helpers import run_cli
+from tests.helpers import have, pgserver_url, run_cli
 
 N, D, M_S = 1200, 64, 16
 
 Opener = Callable[..., DatabaseFunnel]
-
-
-def _have(*modules: str) -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 @pytest.fixture(scope="module")
@@ -53,20 +48,13 @@ def scratch() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def pg_url(scratch: Path) -> Iterator[str]:
-    if not _have("pgserver", "psycopg", "pgvector"):
-        pytest.skip("pgserver/psycopg/pgvector not installed: pip install 'matryoshka[pgvector]'")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        import pgserver
-
-        server = pgserver.get_server(scratch / "pg", cleanup_mode="stop")
-    yield server.get_uri()
-    server.cleanup()
+    with pgserver_url(scratch / "pg") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def milvus_uri(scratch: Path) -> str:
-    if not _have("pymilvus", "milvus_lite"):
+    if not have("pymilvus", "milvus_lite"):
         pytest.skip("pymilvus/milvus-lite not installed: pip install 'matryoshka[milvus]'")
     return str(scratch / "corpus.db")
 
@@ -233,7 +221,7 @@ def test_pgvector_survives_server_restart(
     scratch: Path, data: tuple[np.ndarray, np.ndarray]
 ) -> None:
     """Stop PostgreSQL, start it again on the same data folder: the same results."""
-    if not _have("pgserver", "psycopg", "pgvector"):
+    if not have("pgserver", "psycopg", "pgvector"):
         pytest.skip("pgserver/psycopg/pgvector not installed: pip install 'matryoshka[pgvector]'")
     import pgserver
 
@@ -299,7 +287,7 @@ def test_bad_arguments(opener: Opener, corpus_store: DatabaseFunnel) -> None:
 
 
 def test_unreachable_pgvector() -> None:
-    if not _have("psycopg", "pgvector"):
+    if not have("psycopg", "pgvector"):
         pytest.skip("psycopg/pgvector not installed: pip install 'matryoshka[pgvector]'")
     from matryoshka.retrieval.vectordb.pgvector import PgvectorFunnel
 
@@ -309,7 +297,7 @@ def test_unreachable_pgvector() -> None:
 
 
 def test_unreachable_milvus(tmp_path: Path) -> None:
-    if not _have("pymilvus", "milvus_lite"):
+    if not have("pymilvus", "milvus_lite"):
         pytest.skip("pymilvus/milvus-lite not installed: pip install 'matryoshka[milvus]'")
     from matryoshka.retrieval.vectordb.milvus import MilvusFunnel
 

@@ -11,7 +11,6 @@ cover the checks of a resume without a subprocess.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -21,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,14 +32,10 @@ from matryoshka.retrieval.vectordb import (
     StoreExistsError,
     open_vectordb,
 )
-from tests.helpers import clustered, run_cli
+from tests.helpers import clustered, have, pgserver_url, run_cli
 
 N, D, M_S, BATCH = 3000, 64, 16, 10
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _have(*modules: str) -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +59,13 @@ def files(scratch: Path) -> tuple[Path, Path, np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def pg_url(scratch: Path) -> Iterator[str]:
-    if not _have("pgserver", "psycopg", "pgvector"):
-        pytest.skip("pgserver/psycopg/pgvector not installed: pip install 'matryoshka[pgvector]'")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        import pgserver
-
-        server = pgserver.get_server(scratch / "pg", cleanup_mode="stop")
-    yield server.get_uri()
-    server.cleanup()
+    with pgserver_url(scratch / "pg") as url:
+        yield url
 
 
 @pytest.fixture(scope="module", params=["pgvector", "milvus"])
 def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "milvus" and not _have("pymilvus", "milvus_lite"):
+    if request.param == "milvus" and not have("pymilvus", "milvus_lite"):
         pytest.skip("pymilvus/milvus-lite not installed: pip install 'matryoshka[milvus]'")
     return str(request.param)
 

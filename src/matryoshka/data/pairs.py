@@ -81,8 +81,22 @@ def _first_bad_jsonl_line(path: Path) -> tuple[int, str] | None:
     return None
 
 
-def _read(path: Path, what: str) -> Dataset:
-    """The file or saved dataset at ``path`` as one ``Dataset`` (all its columns)."""
+def read_table(
+    path: Path,
+    what: str,
+    formats: dict[str, str],
+    fix: str,
+    rows: str = "the training pairs",
+    example: str = _EXAMPLE,
+) -> Dataset:
+    """The file or saved dataset at ``path`` as one ``Dataset`` (all its columns).
+
+    ``formats`` maps a file suffix to its ``datasets`` builder; ``what`` (the recipe key),
+    ``fix`` (what to pass instead), ``rows`` (what the rows are) and ``example`` (one JSONL
+    line) word the errors: a folder
+    that is no saved dataset, a ``DatasetDict`` without a ``train`` split, an unknown suffix,
+    a file the parser refuses (for JSONL: the first bad line).
+    """
     import datasets
 
     if path.is_dir():
@@ -91,23 +105,19 @@ def _read(path: Path, what: str) -> Dataset:
         except FileNotFoundError as e:
             raise ValueError(
                 f"{what}={str(path)!r} is a folder but not a saved Hugging Face dataset ({e}): "
-                "pass a folder written by Dataset.save_to_disk, or a .jsonl/.csv/.parquet file."
+                f"{fix}."
             ) from None
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
                 raise ValueError(
                     f"{what}={str(path)!r} is a DatasetDict with splits {sorted(loaded)} but no "
-                    "'train' split: save the training pairs as the 'train' split (or as a "
-                    "single Dataset)."
+                    f"'train' split: save {rows} as the 'train' split (or as a single Dataset)."
                 )
             return loaded["train"]
         return loaded
-    builder = PAIR_FORMATS.get(path.suffix.lower())
+    builder = formats.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(
-            f"{what}={str(path)!r} has the suffix {path.suffix!r}: pass a "
-            f"{'/'.join(PAIR_FORMATS)} file or a folder written by Dataset.save_to_disk."
-        )
+        raise ValueError(f"{what}={str(path)!r} has the suffix {path.suffix!r}: {fix}.")
     try:
         out = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # datasets wraps the parser's error; say which line is bad
@@ -115,12 +125,18 @@ def _read(path: Path, what: str) -> Dataset:
             bad = _first_bad_jsonl_line(path)
             if bad is not None:
                 raise ValueError(
-                    f"{path}, line {bad[0]}: {bad[1]}: each line of a JSONL pairs file must be "
-                    f"one JSON object, e.g. {_EXAMPLE}"
+                    f"{path}, line {bad[0]}: {bad[1]}: each line of a JSONL file must be one "
+                    f"JSON object, e.g. {example}"
                 ) from None
         raise ValueError(f"{what}={str(path)!r} could not be read as {builder}: {e}") from e
     assert isinstance(out, datasets.Dataset)
     return out
+
+
+def _read(path: Path, what: str) -> Dataset:
+    """The pairs file or saved dataset at ``path`` as one ``Dataset`` (all its columns)."""
+    fix = f"pass a {'/'.join(PAIR_FORMATS)} file or a folder written by Dataset.save_to_disk"
+    return read_table(path, what, PAIR_FORMATS, fix)
 
 
 def load_pairs(

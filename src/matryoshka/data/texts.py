@@ -36,29 +36,12 @@ _FIX = (
 
 def _read_table(path: Path, what: str) -> Any:
     """The saved dataset or table file at ``path`` as one ``datasets.Dataset``."""
-    import datasets
+    from matryoshka.data.pairs import read_table
 
-    if path.is_dir():
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except FileNotFoundError as e:
-            raise ValueError(
-                f"{what}={str(path)!r} is a folder but not a saved Hugging Face dataset ({e}): "
-                f"{_FIX}."
-            ) from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if "train" not in loaded:
-                raise ValueError(
-                    f"{what}={str(path)!r} is a DatasetDict with splits {sorted(loaded)} but no "
-                    "'train' split: save the texts as the 'train' split (or as one Dataset)."
-                )
-            return loaded["train"]
-        return loaded
-    builder = TEXT_FORMATS[path.suffix.lower()]
-    try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # datasets wraps the parser's error
-        raise ValueError(f"{what}={str(path)!r} could not be read as {builder}: {e}") from e
+    formats = {suffix: b for suffix, b in TEXT_FORMATS.items() if b is not None}
+    return read_table(
+        path, what, formats, _FIX, rows="the texts", example='{"text": "A cat is a small feline."}'
+    )
 
 
 def load_texts(path: str | Path, text_column: str | None = None, what: str = "data") -> list[str]:
