@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
-EXTRAS := data,faiss,vision,text,serve,milvus,pgvector,rl,dev
+EXTRAS := data,faiss,vision,text,serve,onnx,milvus,pgvector,rl,dev
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
