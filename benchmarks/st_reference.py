@@ -25,6 +25,10 @@ class FixedEmbeddings(nn.Module):
     def get_embedding_dimension(self) -> int:
         return self.dim
 
+    def _get_untruncated_embedding_dimension(self) -> int:
+        """What ``MatryoshkaLoss`` asks its model since sentence-transformers 6.3."""
+        return self.dim
+
 
 def st_matryoshka_mnrl(
     dim: int,

@@ -314,6 +314,10 @@ class _Fixed(nn.Module):
     def get_embedding_dimension(self) -> int | None:
         return self.dim
 
+    def _get_untruncated_embedding_dimension(self) -> int | None:
+        """What ``MatryoshkaLoss`` asks its model since sentence-transformers 6.3."""
+        return self.dim
+
 
 def _columns(
     n: int, rows: int = 6, dim: int = 24, dtype: torch.dtype = torch.float64
