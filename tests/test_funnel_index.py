@@ -79,6 +79,30 @@ def test_float32_kernel_equals_the_renormalising_kernel() -> None:
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-6, atol=1e-6)
 
 
+def test_direct_dot_kernel_equals_the_gathering_kernel() -> None:
+    """float32 rows are scored by FAISS straight from the matrix (no gathered copy); a matrix it
+    cannot read directly (a strided view) is gathered instead: same ids, same scores, and ``-1``
+    candidates (padding) never come back, in both kernels and in a numpy computation."""
+    wide = np.concatenate([CORPUS, CORPUS[:, :8]], axis=1)  # (N, D + 8)
+    view = wide[:, :D]  # the same rows, not C-contiguous
+    assert not view.flags.c_contiguous
+    pm = PrefixMatrix.build(CORPUS, CHAIN)
+    rng = np.random.default_rng(3)
+    cand = np.stack([rng.permutation(CORPUS.shape[0])[:60] for _ in range(30)])
+    cand[:, 50:] = -1  # 10 padded slots per query
+    keeps = (60, 25, 12, 5)
+    fast = rerank_candidates(QUERIES, cand, CORPUS, CHAIN, keeps, factors=pm.factors)
+    slow = rerank_candidates(QUERIES, cand, view, CHAIN, keeps, factors=pm.factors)
+    np.testing.assert_array_equal(fast[1], slow[1])
+    np.testing.assert_allclose(fast[0], slow[0], atol=1e-6)
+    assert (fast[1] >= 0).all()
+    for q, (row_s, row_i) in enumerate(zip(*fast, strict=True)):
+        np.testing.assert_allclose(
+            row_s, cosines(CORPUS[row_i], QUERIES[q : q + 1], D)[0], atol=1e-6
+        )
+        assert set(row_i.tolist()) <= set(cand[q, :50].tolist())
+
+
 @pytest.mark.parametrize("dtype", RERANK_DTYPES)
 def test_funnel_rerank_from_a_mapped_matrix(tmp_path: Path, dtype: str) -> None:
     """k' = N through a memory-mapped matrix of each dtype: float32 is exact search; float16 and
