@@ -256,26 +256,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         build_s=ex_build,
     )
     del ex_index
-    hnsw_full, hb = build(
-        "faiss-hnsw", d, corpus, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction
-    )
-    assert isinstance(hnsw_full, FaissIndex)
-    for ef in args.ef_searches:
-        hnsw_full.ef_search = ef
-        (_, ids), secs = timed(lambda f=hnsw_full.search: f(queries, k), reps)
-        visits = hnsw_visits(hnsw_full, queries, k)
-        add_row(
-            f"HNSW d ef={ef}",
-            "raw",
-            ids,
-            secs,
-            backend="faiss-hnsw",
-            ef_search=ef,
-            bytes_per_query=visits * d * 4,
-            index_bytes=hnsw_full.nbytes,
-            build_s=hb,
+    for hnsw_m in args.hnsw_ms:
+        hnsw_full, hb = build(
+            "faiss-hnsw", d, corpus, hnsw_m=hnsw_m, ef_construction=args.ef_construction
         )
-    del hnsw_full
+        assert isinstance(hnsw_full, FaissIndex)
+        for ef in args.ef_searches:
+            hnsw_full.ef_search = ef
+            (_, ids), secs = timed(lambda f=hnsw_full.search: f(queries, k), reps)
+            visits = hnsw_visits(hnsw_full, queries, k)
+            add_row(
+                f"HNSW{hnsw_m} d ef={ef}",
+                "raw",
+                ids,
+                secs,
+                backend="faiss-hnsw",
+                hnsw_m=hnsw_m,
+                ef_search=ef,
+                bytes_per_query=visits * d * 4,
+                index_bytes=hnsw_full.nbytes,
+                build_s=hb,
+            )
+        del hnsw_full
     if args.ivf_nprobes:
         t0 = time.perf_counter()
         ivf = add_in_chunks(make_index("faiss-ivf", d, model_name="bench"), corpus)
@@ -322,30 +324,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     mmap_bytes_per_vector=fr.mapped_bytes / n,
                 )
             del ex
-        for m_s in args.hnsw_shortlist_sizes:
+        graphs = [b for b in args.hnsw_shortlist_backends.split(",") if b]
+        for backend, m_s in [(b, m) for b in graphs for m in args.hnsw_shortlist_sizes]:
             hn, hb = build(
-                "faiss-hnsw", m_s, xc, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction
+                backend,
+                m_s,
+                xc,
+                hnsw_m=args.shortlist_hnsw_m,
+                ef_construction=args.ef_construction,
             )
-            assert isinstance(hn, FaissIndex)
-            for kp in args.shortlist_ks:
-                hn.ef_search = kp
-                fr = FunnelRetriever(m_s, kp, index=hn).fit(corpus_path)
-                (_, ids), secs = timed(lambda fr=fr, xq=xq: fr.search(xq, k), reps)
-                visits = hnsw_visits(hn, xq, kp)
-                add_row(
-                    f"funnel HNSW m_s={m_s} k'={kp} -> {d}",
-                    space,
-                    ids,
-                    secs,
-                    shortlist_size=m_s,
-                    shortlist_k=kp,
-                    backend="faiss-hnsw",
-                    bytes_per_query=visits * m_s * 4 + fr.rerank_bytes_per_query(k),
-                    index_bytes=hn.nbytes,
-                    build_s=hb,
-                    ram_bytes_per_vector=fr.nbytes / n,
-                    mmap_bytes_per_vector=fr.mapped_bytes / n,
-                )
+            label = {"faiss-hnsw": "HNSW", "sq8-hnsw": "HNSW-SQ8"}.get(backend, backend)
+            label += f" M={args.shortlist_hnsw_m}"
+            code_bytes = m_s * (1 if backend.startswith("sq8") else 4)
+            # the beam (efSearch) and the candidates kept for the rerank (k') are set apart
+            for ef in args.shortlist_efs:
+                for kp in sorted({min(ef, c) for c in args.graph_shortlist_ks}):
+                    hn.ef_search = ef  # type: ignore[attr-defined]
+                    fr = FunnelRetriever(m_s, kp, index=hn).fit(corpus_path)
+                    (_, ids), secs = timed(lambda fr=fr, xq=xq: fr.search(xq, k), reps)
+                    visits = hnsw_visits(hn, xq, kp)
+                    add_row(
+                        f"funnel {label} m_s={m_s} ef={ef} k'={kp} -> {d}",
+                        space,
+                        ids,
+                        secs,
+                        shortlist_size=m_s,
+                        shortlist_k=kp,
+                        ef_search=ef,
+                        hnsw_m=args.shortlist_hnsw_m,
+                        backend=backend,
+                        bytes_per_query=visits * code_bytes + fr.rerank_bytes_per_query(k),
+                        index_bytes=hn.nbytes,
+                        build_s=hb,
+                        ram_bytes_per_vector=fr.nbytes / n,
+                        mmap_bytes_per_vector=fr.mapped_bytes / n,
+                    )
             del hn
         bench_codes(args, space, xc, xq, corpus_path, Path(tmp.name), k, add_row)
     tmp.cleanup()
@@ -466,7 +479,15 @@ def scale_curve(
             del ref
             path = Path(tmp) / f"{size}.npy"
             np.save(path, xc[rows])
-            params = {"ef_search": kp} if "hnsw" in backend else {}
+            params = (
+                {
+                    "ef_search": best_funnel.get("ef_search", kp),
+                    "hnsw_m": best_funnel.get("hnsw_m", HNSW_M),
+                    "ef_construction": args.ef_construction,
+                }
+                if "hnsw" in backend
+                else {}
+            )
             index, build_s = build(backend, m_s, xc[rows], **params)
             fr = FunnelRetriever(m_s, kp, index=index).fit(path)
             (_, ids), secs = timed(lambda fr=fr: fr.search(xq, k), args.repeats)
@@ -598,7 +619,7 @@ def bench_database(
                     dim=d,
                     shortlist_size=m_s,
                     model_name="bench",
-                    hnsw_m=args.hnsw_m,
+                    hnsw_m=HNSW_M,
                     ef_construction=args.ef_construction,
                 )
                 t0 = time.perf_counter()
@@ -735,6 +756,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
             style = {"[pca]": "s--", "[adaptor]": "^:", "[rotation]": "d-."}.get(
                 name[name.rfind("[") :], "o-"
             )
+            rs = sorted(rs, key=lambda r: r[key])  # a graph's (efSearch, k') pairs interleave
             ax.plot([r[key] for r in rs], [r[f"recall@{k}"] for r in rs], style, ms=4, label=name)
         xs = [r[key] if better_high else -r[key] for r in rows]
         front = pareto(xs, recall)
@@ -795,7 +817,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shortlist-sizes", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--hnsw-shortlist-sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--hnsw-shortlist-sizes", type=int, nargs="+", default=[128])
+    p.add_argument(
+        "--hnsw-shortlist-backends",
+        default="faiss-hnsw,sq8-hnsw",
+        help="graph shortlists on the prefix: float32 (faiss-hnsw) and 8-bit codes (sq8-hnsw)",
+    )
+    p.add_argument(
+        "--shortlist-hnsw-m", type=int, default=16, help="graph degree M of the prefix graphs"
+    )
+    p.add_argument(
+        "--shortlist-efs",
+        type=int,
+        nargs="+",
+        default=[48, 64, 96, 128, 160, 200, 256],
+        help="efSearch of the prefix graphs",
+    )
+    p.add_argument(
+        "--graph-shortlist-ks",
+        type=int,
+        nargs="+",
+        default=[50, 100],
+        help="k' kept from a prefix graph's beam for the rerank (capped at efSearch)",
+    )
     p.add_argument(
         "--faiss-flat-shortlist-sizes",
         type=int,
@@ -805,9 +849,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--shortlist-ks", type=int, nargs="+", default=[50, 100, 200, 400])
     p.add_argument(
-        "--hnsw-m", type=int, default=HNSW_M, help="HNSW graph degree (the library's default)"
+        "--hnsw-ms",
+        type=int,
+        nargs="+",
+        default=[16, HNSW_M],
+        help="graph degrees M of the full-size HNSW peers (the library's default and 16)",
     )
-    p.add_argument("--ef-searches", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    p.add_argument(
+        "--ef-searches", type=int, nargs="+", default=[32, 48, 64, 96, 128, 200, 256, 512]
+    )
     p.add_argument(
         "--ivf-nprobes", type=int, nargs="*", default=[8, 32, 128], help="none: skip IVF"
     )

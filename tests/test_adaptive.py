@@ -343,6 +343,23 @@ def test_tuner_chooses_among_backends_within_a_ram_budget() -> None:
         FunnelTuner(0.5, 10, max_ram_bytes_per_vector=1.0, **grid).fit(CORPUS, QUERIES)
 
 
+def test_tuner_sets_a_graph_beam_per_shortlist_k() -> None:
+    """A graph shortlist is measured with efSearch = k' (its cost knob); the chosen funnel keeps
+    its own beam although one graph serves every k', so it reproduces the recall it reported."""
+    grid: dict[str, Any] = dict(shortlist_sizes=(16,), shortlist_ks=(10, 20, 100), repeats=1)
+    tuner = FunnelTuner(0.95, 10, backends=("sq8-hnsw",), **grid).fit(CORPUS, QUERIES)
+    assert [r["ef_search"] for r in tuner.results_] == [r["shortlist_k"] for r in tuner.results_]
+    assert len(tuner.results_) >= 2  # k' grew, and the graph's beam with it
+    assert getattr(tuner.best_.index_, "ef_search") == tuner.best_params_["shortlist_k"]  # noqa: B009
+    _, ref_i = exact_full()
+    _, ids = tuner.best_.search(QUERIES, 10)
+    assert recall_vs_reference(ids, ref_i) == pytest.approx(tuner.best_recall_)
+    fixed = FunnelTuner(
+        0.95, 10, backends=("sq8-hnsw",), index_params={"ef_search": 300}, **grid
+    ).fit(CORPUS, QUERIES)
+    assert {r["ef_search"] for r in fixed.results_} == {300}
+
+
 def test_tuner_errors() -> None:
     with pytest.raises(ValueError, match=r"target_recall=1.5 must be in \(0, 1\]"):
         FunnelTuner(1.5).fit(CORPUS, QUERIES)

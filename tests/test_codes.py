@@ -1,4 +1,4 @@
-"""Quantized shortlist backends (binary, binary-hnsw, sq8, rabitq) against independent numpy
+"""Quantized shortlist backends (binary, binary-hnsw, sq8, sq8-hnsw, rabitq) against independent numpy
 computations of the same codes, their save/load round trip, and their funnels."""
 
 from __future__ import annotations
@@ -95,6 +95,27 @@ def test_sq8_equals_numpy_scalar_quantizer() -> None:
     check_topk(scores, ids, unit_prefix(QUERIES, M) @ decoded.T, 15)
 
 
+def test_sq8_hnsw_searches_the_sq8_codes() -> None:
+    """The graph holds the same codes as the flat ``sq8`` scan (same trained ranges): every
+    returned score is the decoded dot of :func:`sq8_codes`, and a wide beam finds the flat
+    scan's top-10."""
+    index = make_index("sq8-hnsw", M, hnsw_m=16, ef_search=256).add(CORPUS)
+    assert isinstance(index, SQ8Index)
+    assert index.backend == "sq8-hnsw"
+    vmin, vdiff = index.ranges()
+    x = unit_prefix(CORPUS, M)
+    np.testing.assert_allclose(vmin, x.min(0), atol=1e-6)
+    np.testing.assert_allclose(vdiff, x.max(0) - x.min(0), atol=1e-6)
+    decoded = vmin + (sq8_codes(x, vmin, vdiff).astype(np.float32) + 0.5) / 255.0 * vdiff
+    ref = unit_prefix(QUERIES, M) @ decoded.T  # (Q, N), numpy
+    scores, ids = index.search(QUERIES, 10)
+    np.testing.assert_allclose(np.take_along_axis(ref, ids, 1), scores, rtol=1e-5, atol=1e-5)
+    best = np.argsort(-ref, axis=1)[:, :10]
+    assert recall_vs_reference(ids, best) > 0.95  # approximate, but close on 1500 codes
+    # RAM: one byte a dimension plus the graph's links, far below float32 prefixes + links
+    assert index.nbytes < CORPUS.shape[0] * (M + 8 * 16 + 64)
+
+
 def rabitq_estimates(x: np.ndarray, q: np.ndarray, centre: np.ndarray) -> np.ndarray:
     """1-bit RaBitQ inner-product estimates ``(Q, N)`` for float queries, in numpy: with
     ``r = x - c``, ``xbar = (2·[r > 0] - 1) / sqrt(m)`` and ``o = r / |r|``,
@@ -156,7 +177,7 @@ def test_funnel_with_whole_corpus_shortlist_equals_exact(tmp_path: Path, backend
     path = tmp_path / "corpus.npy"
     np.save(path, CORPUS[:n])
     ref_s, ref_i = make_index("exact", D).add(CORPUS[:n]).search(QUERIES, 10)
-    params = {"ef_search": 2 * n} if backend == "binary-hnsw" else {}
+    params = {"ef_search": 2 * n} if backend.endswith("-hnsw") else {}
     fr = FunnelRetriever(M, n, backend=backend, index_params=params).fit(path)
     scores, ids = fr.search(QUERIES, 10)
     np.testing.assert_array_equal(ids, ref_i)
@@ -176,3 +197,7 @@ def test_user_errors_name_the_parameter() -> None:
         make_code_index("pq", M)
     with pytest.raises(RuntimeError, match=r"not trained yet: add vectors first"):
         SQ8Index(M).ranges()
+    with pytest.raises(ValueError, match=r"kind='ivf' is not an sq8 index kind"):
+        SQ8Index(M, kind="ivf")
+    with pytest.raises(ValueError, match=r"hnsw_m=0 must be a positive int"):
+        make_index("sq8-hnsw", M, hnsw_m=0)

@@ -100,7 +100,7 @@ def test_rerank_dtype_scores_the_stored_rows(
     assert recall >= 0.95  # and the rounded rows keep the float32 neighbours
 
 
-@pytest.mark.parametrize("backend", ["faiss-hnsw", "binary-hnsw", "sq8"])
+@pytest.mark.parametrize("backend", ["faiss-hnsw", "binary-hnsw", "sq8", "sq8-hnsw"])
 def test_short_shortlist_recall(data: tuple[Path, np.ndarray, np.ndarray], backend: str) -> None:
     """A real funnel: k' = 150 of N through the engine, rerank 32 -> 64; recall@10 vs exact."""
     folder, x, q = data

@@ -11,7 +11,7 @@
 
 A funnel saved as one artefact (:class:`~matryoshka.retrieval.funnel.FunnelRetriever`): a
 shortlist index on the ``--dim`` prefix (any ``--backend``: exact, FAISS, or the quantized codes
-binary / binary-hnsw / sq8 / rabitq), ``k'``, the rerank chain, and the full-size rerank matrix
+binary / binary-hnsw / sq8 / sq8-hnsw / rabitq), ``k'``, the rerank chain, and the full-size rerank matrix
 memory-mapped (``--rerank-dtype float32|float16|int8``):
 
     mrl index build corpus.npy --kind funnel --dim 64 --backend binary --shortlist-k 400 \
@@ -188,7 +188,7 @@ _FUNNEL_FLAGS = ("shortlist_k", "rerank", "keep", "rerank_dtype", "copy_matrix")
 
 def _shortlist_params(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--backend``'s parameters from the command line (HNSW beams, IVF cells)."""
-    if args.backend in ("faiss-hnsw", "binary-hnsw"):
+    if args.backend in ("faiss-hnsw", "binary-hnsw", "sq8-hnsw"):
         params = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction}
         return {**params, "ef_search": args.ef_search}
     if args.backend == "faiss-ivf":

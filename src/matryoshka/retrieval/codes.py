@@ -1,4 +1,5 @@
-"""Quantized shortlist backends: 1-bit sign codes, 8-bit scalar codes and RaBitQ over a prefix.
+"""Quantized shortlist backends: 1-bit sign codes, 8-bit scalar codes (flat or in an HNSW graph)
+and RaBitQ over a prefix.
 
 Each backend is a :class:`~matryoshka.retrieval.index.VectorIndex` over the size-``m`` prefix
 (unit-normalised when ``normalize=True``) that stores a compressed code per vector instead of
@@ -16,7 +17,8 @@ Backends (:func:`make_code_index`, also reachable through
   better as for inner products. Normalisation does not change signs, so ``normalize`` only
   matters for the float queries' validation.
 * ``binary-hnsw``: the same codes and scores in FAISS ``IndexBinaryHNSW`` (approximate).
-* ``sq8``: FAISS ``IndexScalarQuantizer`` with ``QT_8bit``, inner product. Trained on the first
+* ``sq8`` / ``sq8-hnsw``: FAISS ``IndexScalarQuantizer`` with ``QT_8bit`` (or ``IndexHNSWSQ``,
+  an HNSW graph over the same codes: a compact sublinear shortlist), inner product. Trained on the first
   ``add`` (per-dimension ``vmin``, ``vdiff = vmax - vmin``); the code of ``x_j`` is
   ``floor(255 * clip((x_j - vmin_j) / vdiff_j, 0, 1))`` (:func:`sq8_codes`), decoded as
   ``vmin_j + (c_j + 0.5) / 255 * vdiff_j``; the score is ``<q, decode(x)>`` with the float query.
@@ -197,32 +199,78 @@ class BinaryIndex(_CodeIndex):
 
 
 class SQ8Index(_CodeIndex):
-    """8-bit scalar quantization of the prefix (FAISS ``IndexScalarQuantizer``, ``QT_8bit``),
-    inner product with the float query; ``m`` bytes per vector.
+    """8-bit scalar quantization of the prefix, inner product with the float query; ``m`` bytes
+    per vector.
+
+    Args:
+        dim, model_name, normalize: see :class:`~matryoshka.retrieval.index.VectorIndex`.
+        kind: ``"flat"`` (FAISS ``IndexScalarQuantizer`` with ``QT_8bit``, exact over the codes;
+            backend ``sq8``) or ``"hnsw"`` (``IndexHNSWSQ``: an HNSW graph over the same codes,
+            ``m + 8·hnsw_m`` bytes per vector and more for upper levels; backend ``sq8-hnsw``).
+        hnsw_m, ef_construction, ef_search: the HNSW graph (``ef_search`` raised to ``k``;
+            settable after build).
 
     Trained on the first ``add`` (per-dimension range of those vectors; later vectors outside it
     are clipped), so the first batch should be representative (``add_in_chunks`` gives 65,536).
     """
 
-    backend = "sq8"
+    def __init__(
+        self,
+        dim: int,
+        *,
+        kind: str = "flat",
+        model_name: str = "unknown",
+        normalize: bool = True,
+        hnsw_m: int = HNSW_M,
+        ef_construction: int = EF_CONSTRUCTION,
+        ef_search: int = EF_SEARCH,
+    ) -> None:
+        super().__init__(dim, model_name=model_name, normalize=normalize)
+        if kind not in ("flat", "hnsw"):
+            raise ValueError(f"kind={kind!r} is not an sq8 index kind: use 'flat' or 'hnsw'.")
+        self.kind = kind
+        self.backend = "sq8" if kind == "flat" else "sq8-hnsw"
+        self.hnsw_m = positive_int(hnsw_m, "hnsw_m")
+        self.ef_construction = positive_int(ef_construction, "ef_construction")
+        self.ef_search = positive_int(ef_search, "ef_search")
 
     def params(self) -> dict[str, Any]:
-        return {}
+        if self.kind == "flat":
+            return {}
+        return {
+            "kind": self.kind,
+            "hnsw_m": self.hnsw_m,
+            "ef_construction": self.ef_construction,
+            "ef_search": self.ef_search,
+        }
 
     def _new_index(self) -> Any:
         faiss = self._faiss
         qt = faiss.ScalarQuantizer.QT_8bit
-        return faiss.IndexScalarQuantizer(self.dim, qt, faiss.METRIC_INNER_PRODUCT)
+        if self.kind == "flat":
+            return faiss.IndexScalarQuantizer(self.dim, qt, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWSQ(self.dim, qt, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = self.ef_construction
+        return index
+
+    def _quantizer(self) -> Any:
+        """The FAISS ``ScalarQuantizer`` of the codes (inside the graph's storage for HNSW)."""
+        if self.kind == "flat":
+            return self._index.sq
+        return self._faiss.downcast_index(self._index.storage).sq
 
     def ranges(self) -> tuple[np.ndarray, np.ndarray]:
         """The trained per-dimension ``(vmin, vdiff)``, both ``(m,)`` float32."""
         if self._index is None:
-            raise RuntimeError("the sq8 index is not trained yet: add vectors first.")
-        trained = self._faiss.vector_to_array(self._index.sq.trained)
+            raise RuntimeError(f"the {self.backend} index is not trained yet: add vectors first.")
+        trained = self._faiss.vector_to_array(self._quantizer().trained)
         return trained[: self.dim].copy(), trained[self.dim :].copy()
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.kind == "hnsw":
+            self._index.hnsw.efSearch = max(self.ef_search, k)
         scores, ids = self._index.search(q, k)
+        scores = np.where(ids < 0, NO_SCORE, scores).astype(np.float32)
         return scores, ids
 
 
@@ -293,7 +341,7 @@ def make_code_index(
     **params: Any,
 ) -> VectorIndex:
     """An empty quantized index: ``backend`` in :data:`CODE_BACKENDS`; ``params`` go to its class
-    (``hnsw_m``, ``ef_construction``, ``ef_search`` for ``binary-hnsw``; ``qb``, ``rotate`` for
+    (``hnsw_m``, ``ef_construction``, ``ef_search`` for ``binary-hnsw`` and ``sq8-hnsw``; ``qb``, ``rotate`` for
     ``rabitq``; none for ``binary`` and ``sq8``)."""
     common: dict[str, Any] = {"model_name": model_name, "normalize": normalize}
     if backend == "binary":
@@ -306,6 +354,8 @@ def make_code_index(
                 f"backend='sq8' takes no parameters but got {sorted(params)}: drop them."
             )
         return SQ8Index(dim, **common)
+    if backend == "sq8-hnsw":
+        return SQ8Index(dim, kind="hnsw", **common, **params)
     if backend == "rabitq":
         return RaBitQIndex(dim, **common, **params)
     raise ValueError(f"backend={backend!r} is not a quantized backend: use one of {CODE_BACKENDS}.")

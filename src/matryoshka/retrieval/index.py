@@ -12,7 +12,7 @@ Backends (:func:`make_index`):
   blocks so the score matrix never exceeds ``memory_limit`` bytes.
 * ``faiss-flat``, ``faiss-hnsw``, ``faiss-ivf``: FAISS ``IndexFlatIP``, ``IndexHNSWFlat`` and
   ``IndexIVFFlat`` with the inner-product metric (optional extra: ``pip install 'matryoshka[faiss]'``).
-* ``binary``, ``binary-hnsw``, ``sq8``, ``rabitq``: quantized codes of the prefix for cheap
+* ``binary``, ``binary-hnsw``, ``sq8``, ``sq8-hnsw``, ``rabitq``: quantized codes of the prefix for cheap
   funnel shortlists (FAISS too), see :mod:`matryoshka.retrieval.codes`.
 
 ``save(path)`` writes one safetensors file (no pickle) whose metadata holds a JSON header with the
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: quantized shortlist backends, implemented in :mod:`matryoshka.retrieval.codes`
-CODE_BACKENDS = ("binary", "binary-hnsw", "sq8", "rabitq")
+CODE_BACKENDS = ("binary", "binary-hnsw", "sq8", "sq8-hnsw", "rabitq")
 BACKENDS = ("exact", "faiss-flat", "faiss-hnsw", "faiss-ivf", *CODE_BACKENDS)
 FORMAT = "matryoshka-index"
 FORMAT_VERSION = 1

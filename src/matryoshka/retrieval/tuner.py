@@ -54,7 +54,9 @@ class FunnelTuner:
     ``queries`` given to ``fit``) reaches ``target_recall``; each such configuration's queries/s
     is measured, and the fastest one that meets the target (and ``max_ram_bytes_per_vector``)
     wins. Larger ``k'`` for the same ``(m_s, backend, chain)`` is never faster, so it is not
-    measured.
+    measured. A graph shortlist (``faiss-hnsw``, ``binary-hnsw``, ``sq8-hnsw``) searches with a
+    beam ``efSearch = k'`` (unless ``index_params`` sets ``ef_search``), so ``k'`` is its cost knob
+    too; its rows record ``ef_search`` and the chosen funnel keeps its own.
 
     Args:
         target_recall: recall@k to reach, in ``(0, 1]``.
@@ -64,7 +66,7 @@ class FunnelTuner:
         chains: candidate rerank chains; ``None`` gives ``[(d,)]`` plus ``(4·m_s, d)`` where
             ``4·m_s < d``.
         backend, index_params, normalize: for the shortlist index (see :class:`FunnelRetriever`).
-        backends: several shortlist backends to choose from (e.g. ``("exact", "faiss-hnsw",
+        backends: several shortlist backends to choose from (e.g. ``("exact", "sq8-hnsw",
             "binary")``); overrides ``backend``. ``index_params`` apply to every one of them.
         max_ram_bytes_per_vector: RAM budget: configurations whose in-memory bytes per corpus
             vector (shortlist index + prefix-norm factors; the memory-mapped rerank matrix is not
@@ -175,6 +177,7 @@ class FunnelTuner:
                         prefixes=prefixes,
                     ).fit(arr)
                     index = fr.index_
+                    beam = self._beam(index, int(kp))
                     ids, qps = _timed_search(fr.search, q, self.k, self.repeats)
                     rec = recall_vs_reference(ids, ref_ids)
                     row = {
@@ -186,9 +189,21 @@ class FunnelTuner:
                         "qps": qps,
                         "ram_bytes_per_vector": fr.nbytes / n,
                     }
+                    if beam is not None:
+                        row["ef_search"] = beam
                     yield row, fr
                     if rec >= self.target_recall:
                         break
+
+    def _beam(self, index: VectorIndex, kp: int) -> int | None:
+        """For a graph shortlist (an index with ``ef_search``), set its beam to ``k'`` -- the
+        beam is the cost knob of a graph, as ``k'`` is of a scan -- unless ``index_params``
+        fixes it; the beam measured, or ``None`` for indexes without one."""
+        if not hasattr(index, "ef_search"):
+            return None
+        if "ef_search" not in (self.index_params or {}):
+            index.ef_search = kp  # type: ignore[attr-defined]
+        return int(index.ef_search)  # type: ignore[attr-defined]
 
     def fit(
         self,
@@ -250,6 +265,8 @@ class FunnelTuner:
             )
             best = fallback
         self.best_qps_, self.best_params_, self.best_ = best
+        if "ef_search" in self.best_params_:  # the graph is shared by every k' measured
+            self.best_.index_.ef_search = self.best_params_["ef_search"]  # type: ignore[attr-defined]
         self.best_spec_ = self.best_.spec_
         self.best_recall_ = float(self.best_params_["recall"])
         self.validation_recall_: float | None = None
