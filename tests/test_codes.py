@@ -197,7 +197,7 @@ def test_user_errors_name_the_parameter() -> None:
         make_code_index("pq", M)
     with pytest.raises(RuntimeError, match=r"not trained yet: add vectors first"):
         SQ8Index(M).ranges()
-    with pytest.raises(ValueError, match=r"kind='ivf' is not an sq8 index kind"):
+    with pytest.raises(ValueError, match=r"kind='ivf' is not a sq8 index kind"):
         SQ8Index(M, kind="ivf")
     with pytest.raises(ValueError, match=r"hnsw_m=0 must be a positive int"):
         make_index("sq8-hnsw", M, hnsw_m=0)

@@ -135,20 +135,15 @@ class _CodeIndex(VectorIndex):
             self._index = self._faiss.deserialize_index(blob)
 
 
-class BinaryIndex(_CodeIndex):
-    """1-bit sign codes of the prefix searched by Hamming distance; scores = matching bits.
+class _FlatOrGraphIndex(_CodeIndex):
+    """Codes scanned flat (exact over the codes) or held in a FAISS HNSW graph over them.
 
-    Args:
-        dim, model_name, normalize: see :class:`~matryoshka.retrieval.index.VectorIndex`.
-        kind: ``"flat"`` (``IndexBinaryFlat``, exact over the codes; backend ``binary``) or
-            ``"hnsw"`` (``IndexBinaryHNSW``; backend ``binary-hnsw``).
-        hnsw_m, ef_construction, ef_search: the HNSW graph (``ef_search`` raised to ``k``).
-
-    ``search`` returns scores ``m - hamming`` (float32 in ``[0, m]``) and ids; the codes are
-    ``ceil(m / 8)`` bytes per vector (:func:`sign_codes`).
+    Subclasses name their two backends in :attr:`backends` (flat, graph) and build the FAISS
+    index of each kind in ``_new_index``.
     """
 
-    binary = True
+    #: the backend names of the flat scan and of the graph
+    backends: tuple[str, str]
 
     def __init__(
         self,
@@ -163,13 +158,14 @@ class BinaryIndex(_CodeIndex):
     ) -> None:
         super().__init__(dim, model_name=model_name, normalize=normalize)
         if kind not in ("flat", "hnsw"):
-            raise ValueError(f"kind={kind!r} is not a binary index kind: use 'flat' or 'hnsw'.")
+            raise ValueError(
+                f"kind={kind!r} is not a {self.backends[0]} index kind: use 'flat' or 'hnsw'."
+            )
         self.kind = kind
-        self.backend = "binary" if kind == "flat" else "binary-hnsw"
+        self.backend = self.backends[0] if kind == "flat" else self.backends[1]
         self.hnsw_m = positive_int(hnsw_m, "hnsw_m")
         self.ef_construction = positive_int(ef_construction, "ef_construction")
         self.ef_search = positive_int(ef_search, "ef_search")
-        self.code_bits = 8 * math.ceil(self.dim / 8)
 
     def params(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind}
@@ -179,26 +175,56 @@ class BinaryIndex(_CodeIndex):
             )
         return out
 
+    def _graph(self, index: Any) -> Any:
+        """``index`` (a new FAISS HNSW index) with this index's build beam."""
+        index.hnsw.efConstruction = self.ef_construction
+        return index
+
+    def _faiss_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The FAISS search of ``q`` (already encoded), the graph's beam raised to ``k``."""
+        if self.kind == "hnsw":
+            self._index.hnsw.efSearch = max(self.ef_search, k)
+        dist, ids = self._index.search(q, k)
+        return dist, ids
+
+
+class BinaryIndex(_FlatOrGraphIndex):
+    """1-bit sign codes of the prefix searched by Hamming distance; scores = matching bits.
+
+    Args:
+        dim, model_name, normalize: see :class:`~matryoshka.retrieval.index.VectorIndex`.
+        kind: ``"flat"`` (``IndexBinaryFlat``, exact over the codes; backend ``binary``) or
+            ``"hnsw"`` (``IndexBinaryHNSW``; backend ``binary-hnsw``).
+        hnsw_m, ef_construction, ef_search: the HNSW graph (``ef_search`` raised to ``k``).
+
+    ``search`` returns scores ``m - hamming`` (float32 in ``[0, m]``) and ids; the codes are
+    ``ceil(m / 8)`` bytes per vector (:func:`sign_codes`).
+    """
+
+    binary = True
+    backends = ("binary", "binary-hnsw")
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of a code: ``m`` rounded up to whole bytes."""
+        return 8 * math.ceil(self.dim / 8)
+
     def _new_index(self) -> Any:
         if self.kind == "flat":
             return self._faiss.IndexBinaryFlat(self.code_bits)
-        index = self._faiss.IndexBinaryHNSW(self.code_bits, self.hnsw_m)
-        index.hnsw.efConstruction = self.ef_construction
-        return index
+        return self._graph(self._faiss.IndexBinaryHNSW(self.code_bits, self.hnsw_m))
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
         return sign_codes(x)
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.kind == "hnsw":
-            self._index.hnsw.efSearch = max(self.ef_search, k)
-        dist, ids = self._index.search(sign_codes(q), k)
+        dist, ids = self._faiss_search(sign_codes(q), k)
         scores = (self.dim - dist).astype(np.float32)
         scores[ids < 0] = NO_SCORE
         return scores, ids
 
 
-class SQ8Index(_CodeIndex):
+class SQ8Index(_FlatOrGraphIndex):
     """8-bit scalar quantization of the prefix, inner product with the float query; ``m`` bytes
     per vector.
 
@@ -214,44 +240,14 @@ class SQ8Index(_CodeIndex):
     are clipped), so the first batch should be representative (``add_in_chunks`` gives 65,536).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        *,
-        kind: str = "flat",
-        model_name: str = "unknown",
-        normalize: bool = True,
-        hnsw_m: int = HNSW_M,
-        ef_construction: int = EF_CONSTRUCTION,
-        ef_search: int = EF_SEARCH,
-    ) -> None:
-        super().__init__(dim, model_name=model_name, normalize=normalize)
-        if kind not in ("flat", "hnsw"):
-            raise ValueError(f"kind={kind!r} is not an sq8 index kind: use 'flat' or 'hnsw'.")
-        self.kind = kind
-        self.backend = "sq8" if kind == "flat" else "sq8-hnsw"
-        self.hnsw_m = positive_int(hnsw_m, "hnsw_m")
-        self.ef_construction = positive_int(ef_construction, "ef_construction")
-        self.ef_search = positive_int(ef_search, "ef_search")
-
-    def params(self) -> dict[str, Any]:
-        if self.kind == "flat":
-            return {}
-        return {
-            "kind": self.kind,
-            "hnsw_m": self.hnsw_m,
-            "ef_construction": self.ef_construction,
-            "ef_search": self.ef_search,
-        }
+    backends = ("sq8", "sq8-hnsw")
 
     def _new_index(self) -> Any:
         faiss = self._faiss
-        qt = faiss.ScalarQuantizer.QT_8bit
+        qt, ip = faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
         if self.kind == "flat":
-            return faiss.IndexScalarQuantizer(self.dim, qt, faiss.METRIC_INNER_PRODUCT)
-        index = faiss.IndexHNSWSQ(self.dim, qt, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = self.ef_construction
-        return index
+            return faiss.IndexScalarQuantizer(self.dim, qt, ip)
+        return self._graph(faiss.IndexHNSWSQ(self.dim, qt, self.hnsw_m, ip))
 
     def _quantizer(self) -> Any:
         """The FAISS ``ScalarQuantizer`` of the codes (inside the graph's storage for HNSW)."""
@@ -267,9 +263,7 @@ class SQ8Index(_CodeIndex):
         return trained[: self.dim].copy(), trained[self.dim :].copy()
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.kind == "hnsw":
-            self._index.hnsw.efSearch = max(self.ef_search, k)
-        scores, ids = self._index.search(q, k)
+        scores, ids = self._faiss_search(q, k)
         scores = np.where(ids < 0, NO_SCORE, scores).astype(np.float32)
         return scores, ids
 
