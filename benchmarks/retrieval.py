@@ -817,11 +817,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shortlist-sizes", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--hnsw-shortlist-sizes", type=int, nargs="+", default=[128])
+    p.add_argument("--hnsw-shortlist-sizes", type=int, nargs="+", default=[128, 160, 192])
     p.add_argument(
         "--hnsw-shortlist-backends",
-        default="faiss-hnsw,sq8-hnsw",
-        help="graph shortlists on the prefix: float32 (faiss-hnsw) and 8-bit codes (sq8-hnsw)",
+        default="sq8-hnsw",
+        help="graph shortlists on the prefix: 8-bit codes (sq8-hnsw) and/or float32 (faiss-hnsw)",
     )
     p.add_argument(
         "--shortlist-hnsw-m", type=int, default=16, help="graph degree M of the prefix graphs"
