@@ -22,11 +22,13 @@ adds the adaptor's rotation-only variant (``MatryoshkaAdaptor(orthogonal=True)``
 unchanged, like PCA, but the rotation is trained so that prefixes keep each row's neighbours.
 
 Compared in one run: exact full-size flat search (FAISS ``IndexFlatIP``, the reference; and the
-torch exact backend), FAISS HNSW at full size (``--ef-searches``), FAISS IVF at full size
+torch exact backend), FAISS HNSW at full size (``--hnsw-ms`` x ``--ef-searches``), FAISS IVF at full size
 (``--ivf-nprobes``), the quantized peers at full size with a float32 rescore of their top ``k'``
 (``--code-backends``: ``sq8``, ``binary`` sign codes, ``rabitq``, optionally ``binary-hnsw``;
-"X d + rescore"), and the funnel with an exact shortlist, an HNSW shortlist and each quantized
-shortlist (``--code-shortlist-sizes``) for several ``(m_s, k')``, reranking from the
+"X d + rescore"), and the funnel with an exact shortlist, an HNSW graph on the prefix (8-bit
+codes, ``sq8-hnsw``, by default; ``--hnsw-shortlist-backends``, ``--hnsw-shortlist-sizes``,
+searched at each ``--shortlist-efs`` beam keeping ``k' = min(efSearch, --graph-shortlist-ks)``)
+and each quantized shortlist (``--code-shortlist-sizes``) for several ``(m_s, k')``, reranking from the
 memory-mapped matrix with precomputed prefix norms (``--rerank-dtypes`` float32, float16, int8).
 Reported: queries/s, recall@k against the reference, bytes of vectors touched per query, RAM
 bytes per vector (what the method holds in memory: the index, plus the funnel's prefix-norm

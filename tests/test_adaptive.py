@@ -358,6 +358,8 @@ def test_tuner_sets_a_graph_beam_per_shortlist_k() -> None:
         0.95, 10, backends=("sq8-hnsw",), index_params={"ef_search": 300}, **grid
     ).fit(CORPUS, QUERIES)
     assert {r["ef_search"] for r in fixed.results_} == {300}
+    flat = FunnelTuner(0.95, 10, backends=("binary",), **grid).fit(CORPUS, QUERIES)
+    assert all("ef_search" not in r for r in flat.results_)  # a scan has no beam
 
 
 def test_tuner_errors() -> None:

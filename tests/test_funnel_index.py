@@ -181,6 +181,31 @@ def test_save_load_round_trip(tmp_path: Path, backend: str, dtype: str) -> None:
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_with_params_reuses_the_index_and_matrix(dtype: str) -> None:
+    """A fitted funnel with another k', chain and beam: the same shortlist graph and rerank
+    matrix (nothing rebuilt), the original untouched; k' = N with a beam as wide is exact."""
+    n = CORPUS.shape[0]
+    fr = FunnelRetriever(
+        16, 20, (32, D), backend="sq8-hnsw", rerank_dtype=dtype, progress=False
+    ).fit(CORPUS)
+    wide = fr.with_params(shortlist_k=n, rerank=(D,), ef_search=2 * n)
+    assert wide.prefixes_ is fr.prefixes_
+    assert getattr(wide.index_, "faiss_index") is getattr(fr.index_, "faiss_index")  # noqa: B009
+    assert (fr.spec_.shortlist_k, fr.chain_) == (20, (32, D))
+    assert getattr(fr.index_, "ef_search") != 2 * n  # noqa: B009
+    stored = fr.prefixes_.decode(np.arange(n))
+    ref = np.argsort(-cosines(stored, QUERIES, D), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(wide.search(QUERIES, 10)[1], ref)
+    same = fr.with_params()
+    np.testing.assert_array_equal(same.search(QUERIES, 10)[1], fr.search(QUERIES, 10)[1])
+    with pytest.raises(ValueError, match=r"rerank size 48 has no precomputed factors"):
+        fr.with_params(rerank=(48, D))
+    exact = FunnelRetriever(16, 20, progress=False).fit(CORPUS)
+    with pytest.raises(ValueError, match=r"ef_search=64 applies to a graph shortlist .* 'exact'"):
+        exact.with_params(ef_search=64)
+
+
 def test_save_references_a_mapped_corpus_unless_copied(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.npy"
     np.save(corpus, CORPUS)

@@ -141,6 +141,23 @@ def test_float32_matrix_is_referenced_or_copied(
     np.testing.assert_array_equal(hits["ids"], _exact(x, q)[1])
 
 
+@pytest.mark.parametrize("backend", ["binary", "sq8-hnsw"])
+def test_search_changes_k_and_beam_of_a_saved_funnel(
+    data: tuple[Path, np.ndarray, np.ndarray], backend: str
+) -> None:
+    """``mrl search --shortlist-k / --ef-search`` on a saved funnel: nothing is rebuilt, and
+    with k' = N (and a beam as wide) every row is reranked, so the answer is exact."""
+    folder, x, q = data
+    out = folder / f"narrow-{backend}.funnel"
+    assert _build(folder, out, "--backend", backend, "--shortlist-k", "20") == 0
+    wide = ["--shortlist-k", str(N)]
+    if backend == "sq8-hnsw":
+        wide += ["--ef-search", str(2 * N)]
+    code, hits = _search(folder, out, *wide)
+    assert code == 0
+    np.testing.assert_array_equal(hits["ids"], _exact(x, q)[1])
+
+
 def test_search_checks_model_and_dimension_of_a_funnel(
     data: tuple[Path, np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -156,10 +173,13 @@ def test_search_checks_model_and_dimension_of_a_funnel(
     assert run_cli([*short, "--model-name", "toy"]) == 2
     err = capsys.readouterr().err
     assert "the queries have dimension 16 but the funnel's corpus holds 64-d vectors" in err
-    assert run_cli([*argv, "--model-name", "toy", "--shortlist-k", "300"]) == 2
+    assert run_cli([*argv, "--model-name", "toy", "--funnel-corpus", str(folder / "x.npy")]) == 2
     err = capsys.readouterr().err
-    assert "is a funnel built with shortlist_k=100, rerank=[64]" in err
-    assert "drop --shortlist-k" in err
+    assert "is a funnel over its own rerank matrix: drop --funnel-corpus" in err
+    assert run_cli([*argv, "--model-name", "toy", "--ef-search", "64"]) == 2
+    assert "ef_search=64 applies to a graph shortlist" in capsys.readouterr().err
+    assert run_cli([*argv, "--model-name", "toy", "--rerank", "32", str(D)]) == 2
+    assert "rerank size 32 has no precomputed factors" in capsys.readouterr().err
     # unknown model: refused unless --allow-model-mismatch, as for index files
     unknown = folder / "unknown.funnel"
     argv_u = ["index", "build", str(folder / "x.npy"), "--kind", "funnel", "--no-progress"]

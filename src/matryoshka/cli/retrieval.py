@@ -373,28 +373,26 @@ def _is_funnel(path: str) -> bool:
 
 
 def _load_funnel(args: argparse.Namespace) -> Any:
-    """The funnel artefact of ``--index`` (every part verified by :meth:`FunnelRetriever.load`);
-    its ``k'``, chain and rerank dtype are fixed at build, so the search-time funnel flags are
-    refused."""
+    """The funnel artefact of ``--index`` (every part verified by :meth:`FunnelRetriever.load`),
+    with ``--shortlist-k``, ``--rerank`` and ``--ef-search`` applied when given (nothing is
+    rebuilt: :meth:`FunnelRetriever.with_params`). Its rerank matrix is its own, so
+    ``--funnel-corpus`` is refused."""
     from matryoshka.retrieval.funnel import FunnelRetriever
 
-    given = [
-        flag
-        for flag, value in (
-            ("--funnel-corpus", args.funnel_corpus),
-            ("--shortlist-k", args.shortlist_k),
-            ("--rerank", args.rerank),
-        )
-        if value is not None
-    ]
     fr = FunnelRetriever.load(args.index)
-    if given:
+    if args.funnel_corpus is not None:
         raise ValueError(
-            f"--index {args.index} is a funnel built with shortlist_k={fr.spec_.shortlist_k}, "
-            f"rerank={list(fr.chain_)} over its own rerank matrix: drop {', '.join(given)}, or "
-            f"rebuild it with `mrl index build --kind funnel` and the funnel you want."
+            f"--index {args.index} is a funnel over its own rerank matrix: drop --funnel-corpus "
+            f"(change k', the rerank chain or the graph beam with --shortlist-k, --rerank, "
+            f"--ef-search)."
         )
-    return fr
+    if args.shortlist_k is None and args.rerank is None and args.ef_search is None:
+        return fr
+    return fr.with_params(
+        shortlist_k=args.shortlist_k,
+        rerank=None if args.rerank is None else tuple(args.rerank),
+        ef_search=args.ef_search,
+    )
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -575,11 +573,19 @@ def _add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interactive", action="store_true", help="read query vectors from stdin")
     p.add_argument("--funnel-corpus", default=None, help="(N, d) .npy: rerank through a funnel")
     p.add_argument(
-        "--shortlist-k", type=int, default=None, help="funnel shortlist size k' (default 200)"
+        "--shortlist-k",
+        type=int,
+        default=None,
+        help="funnel shortlist size k' (default 200; a funnel --index: its own)",
     )
     p.add_argument("--rerank", type=int, nargs="+", default=None, help="funnel rerank sizes")
     p.add_argument("--backend", choices=DB_BACKENDS, default=None, help="search a vector DB")
-    p.add_argument("--ef-search", type=int, default=None, help="vector DB: HNSW search beam")
+    p.add_argument(
+        "--ef-search",
+        type=int,
+        default=None,
+        help="HNSW search beam of a vector DB, or of a funnel's graph shortlist",
+    )
     _add_db_arguments(p)
     p.set_defaults(func=cmd_search)
 

@@ -26,6 +26,7 @@ verifies it.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -45,6 +46,7 @@ from matryoshka.retrieval.index import (
     VectorIndex,
     add_in_chunks,
     import_faiss,
+    is_graph,
     load_index,
     make_index,
 )
@@ -583,6 +585,56 @@ class FunnelRetriever:
             normalize=self.normalize,
             batch_size=self.batch_size,
             factors=self._factors,
+        )
+
+    def with_params(
+        self,
+        *,
+        shortlist_k: int | None = None,
+        rerank: Sequence[int] | None = None,
+        keep: Sequence[int] | None = None,
+        ef_search: int | None = None,
+    ) -> FunnelRetriever:
+        """This fitted funnel with another ``k'``, rerank chain, keep counts or graph beam,
+        sharing its shortlist index and rerank matrix: nothing is rebuilt, and ``self`` is left
+        as it was. ``None`` keeps a setting (a new ``rerank`` drops the old ``keep``).
+
+        Every rerank size must be one the matrix has factors for (``prefixes_.chain``, fixed at
+        build); ``ef_search`` applies to graph shortlists only (``faiss-hnsw``, ``binary-hnsw``,
+        ``sq8-hnsw``). Errors name the parameter and the fix.
+        """
+        self._check_fitted()
+        index = self.index_
+        if ef_search is not None:
+            if not is_graph(index):
+                raise ValueError(
+                    f"ef_search={ef_search!r} applies to a graph shortlist (faiss-hnsw, "
+                    f"binary-hnsw, sq8-hnsw) but this funnel's is {index.backend!r}: drop it, or "
+                    f"change k' (shortlist_k) instead."
+                )
+            index = copy.copy(index)  # the same FAISS graph; its own beam, set at each search
+            index.ef_search = positive_int(ef_search, "ef_search")  # type: ignore[attr-defined]
+        spec = self.spec_
+        if keep is None and rerank is None:
+            keep = spec.keep
+        fr = FunnelRetriever(
+            spec.shortlist_size,
+            spec.shortlist_k if shortlist_k is None else shortlist_k,
+            self.chain_ if rerank is None else rerank,
+            keep,
+            backend=index.backend,
+            index=index,
+            normalize=self.normalize,
+            model_name=self.model_name,
+            batch_size=self.batch_size,
+            rerank_dtype=self.prefixes_.dtype,
+            prefixes=self.prefixes_,
+            progress=False,
+        )
+        return (
+            fr.fit(self.corpus_)
+            if self.prefixes_.dtype == "float32"
+            else fr._fit_stored(self.corpus_)
         )
 
     def rerank_bytes_per_query(self, k: int) -> int:

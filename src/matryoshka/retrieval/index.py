@@ -46,6 +46,7 @@ __all__ = [
     "VectorIndex",
     "add_in_chunks",
     "import_faiss",
+    "is_graph",
     "load_index",
     "make_index",
 ]
@@ -421,6 +422,12 @@ class FaissIndex(VectorIndex):
 
     def _restore(self, blob: np.ndarray) -> None:
         self._index = None if blob.size == 0 else self._faiss.deserialize_index(blob)
+
+
+def is_graph(index: VectorIndex) -> bool:
+    """Whether ``index`` is an HNSW graph (``faiss-hnsw``, ``binary-hnsw``, ``sq8-hnsw``), whose
+    search beam ``ef_search`` can be set between searches."""
+    return getattr(index, "kind", None) == "hnsw" and hasattr(index, "ef_search")
 
 
 def make_index(

@@ -27,7 +27,7 @@ from matryoshka.retrieval.funnel import (
     open_corpus,
     recall_vs_reference,
 )
-from matryoshka.retrieval.index import BACKENDS, ExactIndex, VectorIndex, add_in_chunks
+from matryoshka.retrieval.index import BACKENDS, ExactIndex, VectorIndex, add_in_chunks, is_graph
 from matryoshka.retrieval.prefixes import PrefixMatrix
 
 __all__ = ["FunnelTuner"]
@@ -199,7 +199,7 @@ class FunnelTuner:
         """For a graph shortlist (an index with ``ef_search``), set its beam to ``k'`` -- the
         beam is the cost knob of a graph, as ``k'`` is of a scan -- unless ``index_params``
         fixes it; the beam measured, or ``None`` for indexes without one."""
-        if not hasattr(index, "ef_search"):
+        if not is_graph(index):
             return None
         if "ef_search" not in (self.index_params or {}):
             index.ef_search = kp  # type: ignore[attr-defined]
