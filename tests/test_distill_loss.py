@@ -146,3 +146,81 @@ def test_missing_labels_and_wrong_shapes_are_explained() -> None:
         loss([{}], None)
     with pytest.raises(ValueError, match=r"teacher labels \(4, 8\) must be \(n, d\) and \(n, 16\)"):
         loss.distill_term(torch.zeros(4, 16), torch.zeros(4, 8))
+
+
+# --- gradient caching ----------------------------------------------------------------------------
+
+_TEXTS = [
+    "a cat",
+    "the long and winding road that leads to your door",
+    "rain",
+    "a small red house by the river, with a garden",
+    "snow on the hills",
+    "fire",
+    "the wind in the willows and the reeds",
+]
+
+
+def _grads(model_dir: str, mini_batch_size: int | None) -> tuple[float, dict[str, torch.Tensor]]:
+    """One loss + backward of two text columns of different lengths in float64, dropout off:
+    ``(loss, {parameter name: gradient})``."""
+    from sentence_transformers import SentenceTransformer
+
+    from matryoshka.losses.distill import MatryoshkaDistillLoss
+
+    model = SentenceTransformer(model_dir, device="cpu").to(torch.float64)
+    model.eval()  # dropout off: both passes of gradient caching see the same network
+    loss = MatryoshkaDistillLoss(
+        model, [8, 32, 384], keep_weight=0.5, mini_batch_size=mini_batch_size
+    )
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randn(len(_TEXTS), 2 * 384, generator=g, dtype=torch.float64)
+    columns = [model.tokenize(_TEXTS), model.tokenize([t[::-1] + " x" for t in _TEXTS[::-1]])]
+    value = loss(columns, labels)
+    value.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(value.detach()), grads
+
+
+@needs_text
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("mini_batch_size", [1, 3])
+def test_gradient_caching_equals_one_pass(tiny_model_dir: str, mini_batch_size: int) -> None:
+    """Sorted by length and embedded in mini-batches, two columns of texts give the loss and
+    every parameter gradient of the plain single pass (the teacher's rows follow the sort)."""
+    plain_loss, plain = _grads(tiny_model_dir, None)
+    cached_loss, cached = _grads(tiny_model_dir, mini_batch_size)
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-10)
+    assert plain.keys() == cached.keys()
+    assert len(plain) > 10
+    for name, grad in plain.items():
+        torch.testing.assert_close(cached[name], grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_by_length_sorts_each_column_and_its_teacher_rows() -> None:
+    from matryoshka.losses.distill import _by_length
+
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    ids = torch.tensor([[5, 0, 0], [6, 7, 8], [9, 10, 0]])
+    cols = [{"input_ids": ids, "attention_mask": mask, "modality": "text"}] * 2
+    teacher = torch.arange(6.0)[:, None]  # rows 0-2: column 0, rows 3-5: column 1
+    out, rows = _by_length(cols, teacher)
+    assert out[0]["input_ids"].tolist() == [[6, 7, 8], [9, 10, 0], [5, 0, 0]]
+    assert out[1]["modality"] == "text"
+    assert rows[:, 0].tolist() == [1.0, 2.0, 0.0, 4.0, 5.0, 3.0]
+    flat = [{"input_ids": ids.flatten(), "attention_mask": mask}]  # not (B, ...): order kept
+    same, kept = _by_length(flat, teacher[:3])
+    assert same is flat
+    assert kept.tolist() == teacher[:3].tolist()
+
+
+def test_gradient_caching_options_are_checked() -> None:
+    from matryoshka.losses.distill import MatryoshkaDistillLoss
+
+    with pytest.raises(ValueError, match=re.escape("mini_batch_size=0 must be None")):
+        MatryoshkaDistillLoss(torch.nn.Identity(), SIZES, mini_batch_size=0)
+    loss = MatryoshkaDistillLoss(torch.nn.Identity(), SIZES, mini_batch_size=4)
+    assert loss.uses_gradient_cache
+    assert loss.get_config_dict()["mini_batch_size"] == 4
+    plain = MatryoshkaDistillLoss(torch.nn.Identity(), SIZES)
+    assert "mini_batch_size" not in plain.get_config_dict()

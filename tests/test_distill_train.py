@@ -175,6 +175,11 @@ def test_bad_text_inputs_are_named(
         ({"objective": "distill", "max_texts": 1}, "max_texts=1 must be null or an int >= 2."),
         ({"trainable_layers": 0}, "trainable_layers=0 must be null or an int >= 1."),
         ({"distill_weight": 1.0, "layers": [3, 5]}, "distill_weight=1.0 with layers"),
+        ({"mini_batch_size": 0}, "mini_batch_size=0 must be null or an int >= 1."),
+        ({"mini_batch_size": 8, "distill_weight": 0.5}, "mini_batch_size=8 with distill_weight: "
+         "gradient caching needs the plain contrastive or the distill loss"),
+        ({"mini_batch_size": 8, "layers": [3, 5]}, "mini_batch_size=8 with layers"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio=1.0 must be a share of the steps in [0, 1)"),
     ],
 )  # fmt: skip
 def test_bad_distill_options_are_named(values: dict[str, object], message: str) -> None:

