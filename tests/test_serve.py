@@ -486,3 +486,79 @@ def test_saved_index_serves_search(encoder: TextEncoder, corpus: np.ndarray, tmp
     small = ExactIndex(32, model_name=DEFAULT_MODEL).add(corpus).save(tmp_path / "m32.index")
     with pytest.raises(ValueError, match="holds 32-d prefixes: pass corpus="):
         create_app(ServeConfig(index=str(small)), encoder=encoder)
+
+
+def test_saved_funnel_is_served(encoder: TextEncoder, corpus: np.ndarray, tmp_path: Any) -> None:
+    """--index FOLDER of `mrl index build --kind funnel`: requests without another shortlist size
+    use it (its sq8-hnsw graph and rerank matrix), may change k', the chain and the beam, and its
+    float32 matrix stands in for --corpus; other modes still work beside it."""
+    from matryoshka.retrieval.funnel import FunnelRetriever
+
+    folder = tmp_path / "corpus.funnel"
+    FunnelRetriever(
+        32, 20, (128, 384), backend="sq8-hnsw", model_name=DEFAULT_MODEL, progress=False
+    ).fit(corpus).save(folder)
+    server = LiveServer(create_app(ServeConfig(index=str(folder)), encoder=encoder))
+    q = corpus[63]
+    exact = np.argsort(-(corpus @ q), kind="stable")
+    try:
+        r = server.client.post("/v1/search", json={"query": q.tolist(), "k": 5})
+        assert r.status_code == 200, r.text
+        assert r.json()["sizes"] == {
+            "mode": "funnel",
+            "shortlist_size": 32,
+            "shortlist_k": 20,
+            "rerank_sizes": [128, 384],
+            "backend": "sq8-hnsw",
+            "ef_search": getattr(FunnelRetriever.load(folder).index_, "ef_search", None),
+        }
+        assert r.json()["ids"][0] == 63
+        # k' = N with a wide beam: the funnel is exact search, scored at full size
+        wide = {"query": q.tolist(), "k": 5, "shortlist_k": 100, "ef_search": 200}
+        r = server.client.post("/v1/search", json={**wide, "rerank_sizes": [384]})
+        assert r.status_code == 200, r.text
+        assert r.json()["ids"] == exact[:5].tolist()
+        np.testing.assert_allclose(r.json()["scores"], (corpus @ q)[exact[:5]], atol=1e-5)
+        assert r.json()["sizes"]["ef_search"] == 200
+        # another shortlist size: an explicit funnel over the corpus (the float32 matrix)
+        r = server.client.post(
+            "/v1/search", json={"query": q.tolist(), "k": 5, "shortlist_size": 16}
+        )
+        assert r.json()["sizes"]["mode"] == "funnel"
+        assert "backend" not in r.json()["sizes"]
+        r = server.client.post(
+            "/v1/search", json={"query": "a shark in the sky", "target_recall": 0.9}
+        )
+        assert r.json()["sizes"]["mode"] == "tuned", r.text
+        health = server.client.get("/health").json()
+        assert health["funnel"]["backend"] == "sq8-hnsw"
+        assert health["funnel"]["rerank_sizes"] == [128, 384]
+        bad: list[tuple[dict[str, Any], str, str]] = [
+            ({"rerank_sizes": [256, 384]}, "rerank_sizes", "sizes [128, 384] only"),
+            ({"shortlist_k": 3}, "shortlist_k", "[k=5, 100]"),
+            ({"shortlist_size": 16, "ef_search": 64}, "ef_search", "shortlist size 32"),
+        ]
+        for body, param, fragment in bad:
+            r = server.client.post("/v1/search", json={"query": "a", "k": 5, **body})
+            err = error_of(r)
+            assert (r.status_code, err["param"]) == (400, param), r.text
+            assert fragment in err["message"]
+    finally:
+        server.stop()
+    flat = tmp_path / "flat.funnel"
+    FunnelRetriever(32, 20, model_name=DEFAULT_MODEL, progress=False).fit(corpus).save(flat)
+    server = LiveServer(create_app(ServeConfig(index=str(flat)), encoder=encoder))
+    try:
+        r = server.client.post("/v1/search", json={"query": "a", "ef_search": 64})
+        assert "applies to a graph shortlist" in error_of(r)["message"]
+    finally:
+        server.stop()
+    int8 = tmp_path / "int8.funnel"
+    FunnelRetriever(32, 20, model_name=DEFAULT_MODEL, rerank_dtype="int8", progress=False).fit(
+        corpus
+    ).save(int8)
+    with pytest.raises(ValueError, match="rerank matrix is int8: pass corpus="):
+        create_app(ServeConfig(index=str(int8)), encoder=encoder)
+    np.save(tmp_path / "c.npy", corpus)
+    app = create_app(ServeConfig(index=str(int8), corpus=str(tmp_path / "c.npy")), encoder=encoder)
+    assert app is not None

@@ -365,13 +365,6 @@ def _check_query_dim(q: np.ndarray, index: Any, funnel_dim: int | None) -> None:
         )
 
 
-def _is_funnel(path: str) -> bool:
-    """Whether ``path`` is a funnel folder written by ``mrl index build --kind funnel``."""
-    from matryoshka.retrieval.funnel import HEADER_FILE
-
-    return Path(path).is_dir() and (Path(path) / HEADER_FILE).is_file()
-
-
 def _load_funnel(args: argparse.Namespace) -> Any:
     """The funnel artefact of ``--index`` (every part verified by :meth:`FunnelRetriever.load`),
     with ``--shortlist-k``, ``--rerank`` and ``--ef-search`` applied when given (nothing is
@@ -404,6 +397,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     not fit the index (or the funnel's corpus); ``--allow-model-mismatch`` lets the model checks
     pass with a warning.
     """
+    from matryoshka.retrieval.funnel import is_saved_funnel
     from matryoshka.retrieval.vectordb import IncompleteStoreError
 
     funnel_dim: int | None = None
@@ -413,7 +407,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             index: Any = f"{args.backend} store {args.collection!r} at {args.uri!r}"
         elif not args.index:
             return fail("pass --index FILE, or --backend milvus|pgvector --uri URI.")
-        elif _is_funnel(args.index):
+        elif is_saved_funnel(args.index):
             index = _load_funnel(args)
             _check_index_model(args, index)
             funnel_dim = int(index.dim)

@@ -61,6 +61,7 @@ __all__ = [
     "FunnelSpec",
     "FunnelTuner",
     "check_chain",
+    "is_saved_funnel",
     "open_corpus",
     "recall_vs_reference",
     "rerank_candidates",
@@ -72,6 +73,12 @@ FUNNEL_VERSION = 1
 _FUNNEL_META = "matryoshka_funnel"
 #: file names inside a saved funnel folder
 HEADER_FILE, SHORTLIST_FILE, MATRIX_FILE = "funnel.safetensors", "shortlist.index", "rerank.npy"
+
+
+def is_saved_funnel(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a funnel folder written by :meth:`FunnelRetriever.save` (``mrl index
+    build --kind funnel``)."""
+    return Path(path).is_dir() and (Path(path) / HEADER_FILE).is_file()
 
 
 def __getattr__(name: str) -> Any:

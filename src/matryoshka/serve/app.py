@@ -282,6 +282,12 @@ def listening_message(service: EmbeddingService, host: str, port: int) -> str:
     )
     engine = service.engine
     search = f"search over {engine.n} vectors" if engine is not None else "no search corpus"
+    fr = engine.saved_funnel if engine is not None else None
+    if fr is not None:
+        search += (
+            f" with a saved funnel ({fr.index_.backend} shortlist at {fr.shortlist_size} dims, "
+            f"k'={fr.spec_.shortlist_k}, rerank {','.join(map(str, fr.chain_))})"
+        )
     return f"listening on http://{where}:{port} (model {service.model_name}, {sizes}, {search})"
 
 

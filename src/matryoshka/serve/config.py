@@ -44,7 +44,10 @@ class ServeConfig:
         corpus: ``(N, d)`` ``.npy`` corpus embeddings (in the served space: adapted if an adaptor
             is used) for ``/v1/search``.
         index: a saved shortlist index (``mrl index build``) over that corpus; a full-size exact
-            index can stand in for ``corpus``.
+            index can stand in for ``corpus``. Or a saved funnel folder (``mrl index build
+            --kind funnel``): ``/v1/search`` then answers with it (its shortlist backend and
+            rerank matrix) unless a request names another shortlist size or a target recall;
+            a float32 rerank matrix stands in for ``corpus``.
         host, port: where uvicorn listens.
         device: torch device of the encoder.
         backend: ``"torch"`` (default) or ``"onnx"``: the model's transformer exported at
@@ -90,7 +93,11 @@ class ServeConfig:
     corpus: str | None = _opt(
         None, "(N, d) .npy corpus embeddings, in the served space, for /v1/search"
     )
-    index: str | None = _opt(None, "saved shortlist index over the corpus (`mrl index build`)")
+    index: str | None = _opt(
+        None,
+        "saved shortlist index over the corpus (`mrl index build`), or a saved funnel folder "
+        "(`--kind funnel`) that /v1/search then answers with",
+    )
     host: str = _opt("127.0.0.1", "interface to listen on")
     port: int = _opt(8000, "TCP port")
     device: str = _opt("cpu", "torch device of the encoder")

@@ -94,6 +94,11 @@ class SearchRequest(_Strict):
     target_recall: float | None = Field(
         None, gt=0, le=1, description="Use the fastest funnel tuned to reach this recall@k."
     )
+    ef_search: int | None = Field(
+        None,
+        ge=1,
+        description="Served funnel with a graph shortlist: its search beam (HNSW efSearch).",
+    )
 
 
 class SearchHit(BaseModel):
@@ -107,6 +112,12 @@ class SearchSizes(BaseModel):
     shortlist_size: int
     shortlist_k: int
     rerank_sizes: list[int]
+    backend: str | None = Field(
+        None, description="The served funnel's shortlist backend (saved funnels only)."
+    )
+    ef_search: int | None = Field(
+        None, description="The graph beam of the served funnel's shortlist (graph backends)."
+    )
     measured_recall: float | None = None
     recall_measured_on: str | None = Field(
         None,

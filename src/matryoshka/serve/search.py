@@ -1,4 +1,11 @@
-"""Search over the served corpus: exact, an explicit funnel, or a funnel tuned for a recall.
+"""Search over the served corpus: a saved funnel, exact, an explicit funnel, or a funnel tuned
+for a recall.
+
+A saved funnel (``mrl index build --kind funnel``, served with ``--index FOLDER``) answers every
+request that does not ask for another shortlist size or a target recall: its shortlist backend
+(e.g. an 8-bit HNSW graph on a prefix) and its rerank matrix are the ones built offline, and a
+request may change its ``k'``, rerank chain and graph beam (``shortlist_k``, ``rerank_sizes``,
+``ef_search``) without rebuilding anything (:meth:`FunnelRetriever.with_params`).
 
 A funnel tuned for a ``target_recall`` is measured on queries that are not corpus rows (a corpus
 row finds itself at every prefix size, so tuning on rows over-promises): on held-out query
@@ -55,6 +62,9 @@ class SearchEngine:
             a funnel is tuned on for a target recall.
         tune_noise: ``sigma`` of the stand-in queries.
         held_out: ``(Q, d)`` held-out query embeddings (not corpus rows) to tune on instead.
+        funnel: a fitted :class:`~matryoshka.retrieval.funnel.FunnelRetriever` over the same
+            corpus, served by :meth:`saved` (e.g. one loaded from ``mrl index build --kind
+            funnel``).
 
     Funnel retrievers and prefix indexes are built on first use and cached.
     """
@@ -67,6 +77,7 @@ class SearchEngine:
         tune_queries: int = 200,
         tune_noise: float = 0.5,
         held_out: np.ndarray | None = None,
+        funnel: Any = None,
     ) -> None:
         from matryoshka.retrieval.funnel import open_corpus
 
@@ -87,6 +98,8 @@ class SearchEngine:
             self._indexes[int(index.dim)] = index
         self._retrievers: dict[tuple[int, int, tuple[int, ...]], Any] = {}
         self._tuned: dict[tuple[float, int], tuple[Any, float]] = {}
+        self.saved_funnel = funnel
+        self._variants: dict[tuple[int, tuple[int, ...], int | None], Any] = {}
 
     def _index(self, m: int) -> Any:
         from matryoshka.retrieval.index import ExactIndex, add_in_chunks
@@ -164,6 +177,81 @@ class SearchEngine:
             return check_chain(chain, self.dim, "rerank_sizes", min_size=shortlist_size)
         except ValueError as e:  # the library's message speaks Python; the client's is JSON
             raise problem from e
+
+    def check_saved(
+        self,
+        k: int,
+        shortlist_k: int | None,
+        rerank: list[int] | None,
+        ef_search: int | None,
+    ) -> tuple[int, tuple[int, ...], int | None]:
+        """Validate a request's changes to the saved funnel: ``(k', chain, ef_search)``.
+
+        ``shortlist_k`` defaults to the saved ``k'`` (at least ``k``), ``rerank`` to the saved
+        chain; every rerank size must be one the saved matrix has factors for, and ``ef_search``
+        needs a graph shortlist. Raises :class:`ServeError` naming the parameter and the fix.
+        """
+        from matryoshka.retrieval.index import is_graph
+
+        fr = self.saved_funnel
+        assert fr is not None
+        kp = shortlist_k if shortlist_k is not None else max(k, int(fr.spec_.shortlist_k))
+        if not k <= kp <= self.n:
+            raise ServeError(
+                f"shortlist_k={kp} must be in [k={k}, {self.n}] (between k and the corpus size).",
+                param="shortlist_k",
+                code="invalid_value",
+            )
+        chain = fr.chain_ if rerank is None else self._check_rerank(fr.shortlist_size, rerank)
+        stored = tuple(int(m) for m in fr.prefixes_.chain)
+        if any(m not in stored for m in chain):
+            raise ServeError(
+                f"rerank_sizes={list(chain)}: the served funnel's rerank matrix has prefix "
+                f"norms for sizes {list(stored)} only; pick increasing sizes among them (or "
+                f"rebuild the funnel with mrl index build --kind funnel --rerank ...).",
+                param="rerank_sizes",
+                code="invalid_value",
+            )
+        if ef_search is not None and not is_graph(fr.index_):
+            raise ServeError(
+                f"ef_search={ef_search} applies to a graph shortlist (faiss-hnsw, binary-hnsw, "
+                f"sq8-hnsw) but the served funnel's is {fr.index_.backend!r}: drop it, or change "
+                f"shortlist_k instead.",
+                param="ef_search",
+                code="invalid_value",
+            )
+        return kp, tuple(int(m) for m in chain), ef_search
+
+    def saved(
+        self, q: np.ndarray, k: int, params: tuple[int, tuple[int, ...], int | None]
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Search with the saved funnel under ``params`` (:meth:`check_saved`): ``(d,) ->
+        scores (k,), ids (k,)``, sizes used (with the shortlist's backend and graph beam)."""
+        from matryoshka.retrieval.index import is_graph
+
+        base = self.saved_funnel
+        assert base is not None
+        kp, chain, ef = params
+        with self._lock:
+            fr = self._variants.get(params)
+        if fr is None:
+            same = kp == base.spec_.shortlist_k and chain == tuple(base.chain_) and ef is None
+            fr = base if same else base.with_params(shortlist_k=kp, rerank=chain, ef_search=ef)
+            with self._lock:
+                if len(self._variants) >= 64:
+                    self._variants.pop(next(iter(self._variants)))
+                fr = self._variants.setdefault(params, fr)
+        scores, ids = fr.search(q[None, :], k)
+        index = fr.index_
+        sizes = {
+            "mode": "funnel",
+            "shortlist_size": int(fr.shortlist_size),
+            "shortlist_k": kp,
+            "rerank_sizes": list(chain),
+            "backend": str(index.backend),
+            "ef_search": int(index.ef_search) if is_graph(index) else None,
+        }
+        return scores[0], ids[0], sizes
 
     def exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Exact full-size search: ``(d,) -> scores (k,), ids (k,)``, sizes used."""
@@ -247,15 +335,42 @@ def load_search(
     index built for a model outside ``model_ids`` (default: ``{model_name}``; see
     :func:`check_index_model`, ``allow_model_mismatch`` downgrades it to a warning) is a
     ``ValueError`` that says what to pass instead. ``tune_queries_path``: a ``(Q, dim)`` ``.npy``
-    of held-out queries for target-recall tuning.
-    """
-    if index is None and index_path is not None:
-        from matryoshka.retrieval.index import load_index
+    of held-out query embeddings for target-recall tuning.
 
-        index = load_index(index_path)
+    ``index_path`` may also be a saved funnel folder (``mrl index build --kind funnel``; or
+    ``index`` a fitted :class:`~matryoshka.retrieval.funnel.FunnelRetriever`): it is then served
+    as is (:meth:`SearchEngine.saved`), and a float32 rerank matrix stands in for a missing
+    corpus.
+    """
+    from matryoshka.retrieval.funnel import FunnelRetriever, is_saved_funnel
+
+    if index is None and index_path is not None:
+        if is_saved_funnel(index_path):
+            index = FunnelRetriever.load(index_path)
+        else:
+            from matryoshka.retrieval.index import load_index
+
+            index = load_index(index_path)
     if index is not None:
         ids = set(model_ids) if model_ids is not None else {model_name}
         check_index_model(index, model_name, ids, index_path, allow_model_mismatch)
+    funnel = index if isinstance(index, FunnelRetriever) else None
+    if funnel is not None:
+        index = None
+        if funnel.dim != dim:
+            raise ValueError(
+                f"index={index_path!r} is a funnel over {funnel.dim}-d vectors but the model "
+                f"serves {dim}-d ones: build the funnel from {model_name!r}'s embeddings."
+            )
+        if corpus is None and corpus_path is None:
+            if funnel.prefixes_.dtype != "float32":
+                raise ValueError(
+                    f"index={index_path!r} is a funnel whose rerank matrix is "
+                    f"{funnel.prefixes_.dtype}: pass corpus= the (N, {dim}) float embeddings "
+                    "too (exact search and tuning read them), or rebuild the funnel with "
+                    "--rerank-dtype float32."
+                )
+            corpus = funnel.corpus_  # the float32 rerank matrix is the corpus
     if corpus is None and corpus_path is not None:
         from matryoshka.retrieval.funnel import open_corpus
 
@@ -274,11 +389,12 @@ def load_search(
             f"corpus has {corpus.shape[1]}-d vectors but the model serves {dim}-d ones: "
             f"embed the corpus with {model_name!r} (and the same adaptor)."
         )
-    if index is not None and index.ntotal != corpus.shape[0]:
-        raise ValueError(
-            f"index has {index.ntotal} vectors but the corpus has {corpus.shape[0]}: build "
-            "the index from this corpus."
-        )
+    for part in (index, funnel):
+        if part is not None and part.ntotal != corpus.shape[0]:
+            raise ValueError(
+                f"index has {part.ntotal} vectors but the corpus has {corpus.shape[0]}: build "
+                "the index from this corpus."
+            )
     held_out = None
     if tune_queries_path is not None:
         path = Path(tune_queries_path)
@@ -295,6 +411,7 @@ def load_search(
         tune_queries=tune_queries,
         tune_noise=tune_noise,
         held_out=held_out,
+        funnel=funnel,
     )
 
 

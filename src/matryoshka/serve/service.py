@@ -246,8 +246,8 @@ class EmbeddingService:
             )
         if request.target_recall is not None and _explicit_funnel(request):
             raise ServeError(
-                "Give either an explicit funnel (shortlist_size, shortlist_k, rerank_sizes) or "
-                "target_recall, not both.",
+                "Give either an explicit funnel (shortlist_size, shortlist_k, rerank_sizes, "
+                "ef_search) or target_recall, not both.",
                 param="target_recall",
                 code="invalid_value",
             )
@@ -272,7 +272,30 @@ class EmbeddingService:
     async def _run_search(
         self, engine: SearchEngine, q: np.ndarray, request: SearchRequest
     ) -> SearchResult:
-        """Search in a worker thread with the mode the request asks for."""
+        """Search in a worker thread with the mode the request asks for: the saved funnel
+        unless the request names another shortlist size or a target recall."""
+        saved = engine.saved_funnel
+        if (
+            saved is not None
+            and request.target_recall is None
+            and request.shortlist_size in (None, saved.shortlist_size)
+        ):
+            params = engine.check_saved(
+                request.k, request.shortlist_k, request.rerank_sizes, request.ef_search
+            )
+            return await run_in_threadpool(engine.saved, q, request.k, params)
+        if request.ef_search is not None:
+            served = (
+                f"the served funnel's shortlist size {saved.shortlist_size}"
+                if saved is not None
+                else "a funnel served with --index FOLDER (mrl index build --kind funnel)"
+            )
+            raise ServeError(
+                f"ef_search={request.ef_search} applies to {served}: drop ef_search, or drop "
+                "shortlist_size and target_recall to search the served funnel.",
+                param="ef_search",
+                code="invalid_value",
+            )
         if _explicit_funnel(request):
             funnel = engine.check_funnel(
                 request.k, request.shortlist_size, request.shortlist_k, request.rerank_sizes
@@ -291,6 +314,7 @@ class EmbeddingService:
             "adaptor": self.encoder.adaptor is not None,
             "search": self.engine is not None,
             "corpus_size": self.engine.n if self.engine is not None else 0,
+            "funnel": _funnel_summary(self.engine),
             "batching": self.config.batching,
             "uptime_s": round(time.time() - self.started, 3),
         }
@@ -337,5 +361,19 @@ class EmbeddingService:
 
 def _explicit_funnel(request: SearchRequest) -> bool:
     """Whether the request names any part of an explicit funnel."""
-    funnel = (request.shortlist_size, request.shortlist_k, request.rerank_sizes)
+    funnel = (request.shortlist_size, request.shortlist_k, request.rerank_sizes, request.ef_search)
     return any(v is not None for v in funnel)
+
+
+def _funnel_summary(engine: SearchEngine | None) -> dict[str, Any] | None:
+    """The served saved funnel's settings for ``/health`` (``None`` without one)."""
+    fr = None if engine is None else engine.saved_funnel
+    if fr is None:
+        return None
+    return {
+        "shortlist_size": int(fr.shortlist_size),
+        "shortlist_k": int(fr.spec_.shortlist_k),
+        "rerank_sizes": [int(m) for m in fr.chain_],
+        "backend": str(fr.index_.backend),
+        "rerank_dtype": str(fr.prefixes_.dtype),
+    }
