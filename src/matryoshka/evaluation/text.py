@@ -130,6 +130,13 @@ class TextEvalConfig(WordnetTextOptions):
             "('distilled'; 0 skips it)"
         },
     )
+    distill_epochs: int = field(
+        default=2,
+        metadata={
+            "help": "passes over the distill_texts (the recipe's other settings are "
+            "matryoshka.training.text.distill's defaults)"
+        },
+    )
     ood: bool = field(
         default=True,
         metadata={
@@ -147,6 +154,7 @@ class TextEvalConfig(WordnetTextOptions):
                 ("probe_limit", 10),
                 ("seed", 0),
                 ("distill_texts", 0),
+                ("distill_epochs", 1),
             ),
             floats=(("adaptor_reg", 0.0, True), ("distill_weight", 0.0, True)),
         )
@@ -525,6 +533,7 @@ def _distilled(
         base,
         [texts[i] for i in sorted(pick.tolist())],
         nesting,
+        epochs=config.distill_epochs,
         seed=config.seed,
         progress=config.progress,
         cache_dir=config.cache_dir,
@@ -691,6 +700,7 @@ def run_wordnet_evaluation(config: TextEvalConfig) -> dict[str, Any]:
             "finetune_s": {k: round(v, 1) for k, v in finetune_s.items()},
             "distill_weight": config.distill_weight,
             "distill_texts": config.distill_texts,
+            "distill_epochs": config.distill_epochs,
             **({"out_of_domain": ood_meta} if ood_meta else {}),
             "total_s": round(time.time() - t0, 1),
         },

@@ -223,6 +223,14 @@ class TextTrainConfig(WordnetTextOptions):
             "teacher's embeddings (a Dense layer after pooling; same full-size cosines)"
         },
     )
+    start_epochs: int = field(
+        default=0,
+        metadata={
+            "help": "distill: fit the start rotation for N epochs as an orthogonal "
+            "MatryoshkaAdaptor on the teacher's embeddings of the texts, from their PCA (0: the "
+            "PCA rotation itself)"
+        },
+    )
     trainable_layers: int | None = field(
         default=None,
         metadata={
@@ -255,6 +263,7 @@ class TextTrainConfig(WordnetTextOptions):
                 ("seed", 0),
                 ("checkpoint_every", 0),
                 ("keep_checkpoints", 1),
+                ("start_epochs", 0),
             ),
             floats=(("lr", 0.0, False), ("temperature", 0.0, False)),
         )
@@ -516,16 +525,40 @@ def _no_dropout(model: SentenceTransformer) -> None:
 
 
 def _distill_start(
-    model: SentenceTransformer, labels: np.ndarray, rotate: bool
+    model: SentenceTransformer,
+    labels: np.ndarray,
+    rotate: bool,
+    nesting: Nesting | None = None,
+    start_epochs: int = 0,
+    seed: int = 0,
+    progress: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Prepare the student (dropout off; with ``rotate`` the PCA rotation of the teacher's
-    embeddings ``labels (n, d)`` added) and return the targets ``(n, d)`` it must keep."""
+    """Prepare the student (dropout off; with ``rotate`` a rotation of the teacher's embeddings
+    ``labels (n, d)`` added) and return the targets ``(n, d)`` it must keep. The rotation is the
+    uncentred PCA of ``labels``, or with ``start_epochs > 0`` an orthogonal
+    :class:`~matryoshka.models.adaptor.MatryoshkaAdaptor` fitted on them for that many epochs
+    from the same PCA (same full-size cosines, more nested prefixes)."""
     _no_dropout(model)
     if not rotate:
         return labels, {"rotation": None}
-    rot = pca_rotation(labels)
+    if start_epochs > 0:
+        from matryoshka.models.adaptor import MatryoshkaAdaptor
+
+        if nesting is None:
+            raise ValueError("start_epochs > 0 needs the nesting the rotation is fitted for.")
+        adaptor = MatryoshkaAdaptor(
+            nesting, epochs=start_epochs, orthogonal=True, seed=seed, progress=progress
+        ).fit(labels)
+        assert adaptor.net_ is not None
+        rot = adaptor.net_.rotation.detach().numpy().astype(np.float32)
+        what = (
+            f"orthogonal MatryoshkaAdaptor fitted {start_epochs} epochs on the teacher's embeddings"
+        )
+    else:
+        rot = pca_rotation(labels)
+        what = "uncentred PCA of the teacher's embeddings of the texts"
     add_rotation(model, rot)
-    return labels @ rot, {"rotation": "uncentred PCA of the teacher's embeddings of the texts"}
+    return labels @ rot, {"rotation": what}
 
 
 def teacher_labels(
@@ -606,7 +639,15 @@ def _training_arguments(
         disable_tqdm=not progress,
         bf16=_use_bf16(),
         dataloader_pin_memory=_cuda(),
+        use_cpu=_cpu_processes(),
     )
+
+
+def _cpu_processes() -> bool:
+    """Whether this is one of several torchrun processes without CUDA: transformers then runs
+    DistributedDataParallel over gloo only with ``use_cpu=True`` (without it every process
+    silently trains alone on the whole data set)."""
+    return not _cuda() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _warmup(ratio: float) -> dict[str, Any]:
@@ -838,8 +879,8 @@ def distill(
     encoder: TextEncoder,
     texts: Sequence[str],
     nesting: Nesting,
-    batch_size: int = 64,
-    lr: float = 1e-4,
+    batch_size: int = 256,
+    lr: float = 2e-4,
     epochs: int = 1,
     seed: int = 0,
     progress: bool = True,
@@ -847,8 +888,9 @@ def distill(
     trainable_layers: int | None = None,
     cache_dir: str | Path = ".cache/embeddings",
     rotate: bool = True,
-    mini_batch_size: int | None = None,
-    warmup_ratio: float = 0.0,
+    mini_batch_size: int | None = 32,
+    warmup_ratio: float = 0.1,
+    start_epochs: int = 20,
 ) -> TextEncoder:
     """Self-distil a copy of ``encoder`` on unlabeled ``texts`` (at least 2): every prefix of
     ``nesting`` learns to keep ``encoder``'s full-size similarity structure, the full size stays
@@ -860,7 +902,8 @@ def distill(
     full-size cosines, prefixes at PCA quality from step 0) and keeps that rotated output.
     Dropout is off while training. ``mini_batch_size``: gradient caching (the similarity
     structure is kept over all ``batch_size`` texts, embedded that many at a time);
-    ``warmup_ratio``: the share of steps of learning-rate warm-up. Returns the copy, in eval
+    ``warmup_ratio``: the share of steps of learning-rate warm-up; ``start_epochs``: fit the
+    start rotation as an orthogonal adaptor on the teacher's embeddings (0: PCA). Returns the copy, in eval
     mode; ``encoder`` is unchanged.
     """
     from datasets import Dataset
@@ -872,7 +915,7 @@ def distill(
         raise ValueError(f"texts has {len(texts)} distinct text(s): distil on at least 2.")
     labels = teacher_labels(encoder, [texts], cache_dir, "distill/teacher", progress)
     model = TextEncoder(copy.deepcopy(encoder.model), name=f"{encoder.name}-distilled")
-    labels, _ = _distill_start(model.model, labels, rotate)
+    labels, _ = _distill_start(model.model, labels, rotate, nesting, start_epochs, seed, progress)
     freeze_all_but_last(model.model, trainable_layers)
     loss = build_distill_loss(model.model, nesting.sizes, options, mini_batch_size)
     dataset = _with_labels(Dataset.from_dict({"text": texts}), labels)
@@ -1145,7 +1188,15 @@ def train_text(config: TextTrainConfig) -> Path:
         key = f"{config.objective}/teacher"
         labels = teacher_labels(base, columns, config.cache_dir, key, config.progress)
         if config.objective == "distill":
-            labels, meta["start"] = _distill_start(model, labels, config.rotate)
+            labels, meta["start"] = _distill_start(
+                model,
+                labels,
+                config.rotate,
+                nesting,
+                config.start_epochs,
+                config.seed,
+                config.progress,
+            )
         dataset = _with_labels(dataset, labels)
         if config.distill_weight > 0:
             from matryoshka.losses.distill import KeepTeacherLoss
