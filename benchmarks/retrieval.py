@@ -165,6 +165,29 @@ def adaptor_space(
     return adaptor.transform(corpus, normalize=False), adaptor.transform(queries, normalize=False)
 
 
+def model_space(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """The corpus and queries embedded by ``--model`` (a sentence-transformers folder, e.g. the
+    Matryoshka fine-tuned or self-distilled MiniLM that ``mrl train`` writes), unit norm, cached
+    like the base vectors."""
+    from matryoshka.models.text_encoder import TextEncoder, encode_cached
+
+    if args.vectors or args.encoder != "minilm":
+        raise SystemExit(
+            f"--model {args.model} embeds the WordNet texts itself: drop --vectors and use "
+            "--encoder minilm (the reference is then the base MiniLM on the same texts)."
+        )
+    if not Path(args.model).is_dir():
+        raise SystemExit(
+            f"--model {args.model} is not a folder: pass a sentence-transformers model folder, "
+            "e.g. runs/text-distill/model."
+        )
+    enc = TextEncoder(args.model)
+    corpus, queries = wordnet_texts(args.n_queries, args.seed)
+    xc = encode_cached(corpus, enc, key="wordnet/all/definitions")
+    xq = encode_cached(queries, enc, key=f"wordnet/examples/{args.n_queries}/seed{args.seed}")
+    return xc, xq
+
+
 def pareto(xs: list[float], ys: list[float]) -> list[int]:
     """Indices of the points not dominated by another (``x`` and ``y`` both higher is better),
     sorted by ``x``."""
@@ -216,14 +239,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         spaces["adaptor"] = adaptor_space(corpus, queries, args)
     if args.adaptor_orthogonal:
         spaces["rotation"] = adaptor_space(corpus, queries, args, orthogonal=True)
+    if args.model:
+        spaces["model"] = model_space(args)
     rows: list[dict[str, Any]] = []
+    # A trained model's rows are scored against its own exact full-size search (what its user
+    # deploys); every other space against the base vectors' (same texts, same question).
+    own_refs: dict[str, np.ndarray] = {}
 
     def add_row(name: str, space: str, ids: np.ndarray, secs: float, **extra: Any) -> None:
         row = {
             "method": name,
             "space": space,
             "qps": queries.shape[0] / secs,
-            f"recall@{k}": recall_vs_reference(ids, ref_ids),
+            f"recall@{k}": recall_vs_reference(ids, own_refs.get(space, ref_ids)),
+            "reference": "own full size" if space in own_refs else "base full size",
             **extra,
         }
         # RAM: what the method holds in memory; mapped: files read through a memory map
@@ -298,6 +327,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 build_s=ivf_build,
             )
         del ivf
+    if "model" in spaces:
+        xc, xq = spaces["model"]
+        own, own_build = build("faiss-flat", d, xc)
+        (_, own_ids), own_secs = timed(lambda: own.search(xq, k), reps)
+        add_row(  # how far the model's full-size top k is from the base model's
+            "exact flat d (FAISS), model vs base",
+            "model",
+            own_ids,
+            own_secs,
+            bytes_per_query=n * d * 4,
+            index_bytes=own.nbytes,
+            build_s=own_build,
+        )
+        own_refs["model"] = own_ids
+        del own
 
     tmp = tempfile.TemporaryDirectory(prefix="mrl-bench-")
     for space, (xc, xq) in spaces.items():
@@ -466,8 +510,9 @@ def scale_curve(
     """q/s of the reference (flat) and of the best funnel's configuration on random subsets of
     the corpus of ``--scale`` sizes (and the whole corpus), each against exact search of that
     subset, so each method's growth with N shows."""
-    raw_c, raw_q = spaces["raw"]
     xc, xq = spaces[best_funnel["space"]]
+    own = best_funnel.get("reference") == "own full size"
+    raw_c, raw_q = (xc, xq) if own else spaces["raw"]  # the rows' reference
     n = xc.shape[0]
     m_s, kp = best_funnel["shortlist_size"], best_funnel["shortlist_k"]
     backend = best_funnel["backend"]
@@ -810,6 +855,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--adaptor-orthogonal",
         action="store_true",
         help="also measure the adaptor's rotation-only variant (full-size inner products kept)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="also measure a trained model's space (a sentence-transformers folder, e.g. the "
+        "self-distilled MiniLM), scored against its own exact full-size search",
     )
     p.add_argument("--adaptor-rows", type=int, default=20000, help="corpus rows it is fitted on")
     p.add_argument("--adaptor-epochs", type=int, default=8)

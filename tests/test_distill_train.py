@@ -65,6 +65,7 @@ def test_distill_recipe_nests_prefixes_and_saves_a_plain_model(tmp_path: Path) -
                 "epochs": 1,
                 "batch_size": 16,
                 "mini_batch_size": 5,  # gradient caching, as the shipped recipe
+                "neighbour_group": 4,  # batches of teacher neighbours, as the shipped recipe
                 "lr": 1e-5,
                 "progress": False,
                 "cache_dir": str(tmp_path / "cache"),
@@ -215,6 +216,8 @@ def test_bad_text_inputs_are_named(
          "gradient caching needs the plain contrastive or the distill loss"),
         ({"mini_batch_size": 8, "layers": [3, 5]}, "mini_batch_size=8 with layers"),
         ({"warmup_ratio": 1.0}, "warmup_ratio=1.0 must be a share of the steps in [0, 1)"),
+        ({"neighbour_group": 4}, "neighbour_group=4 is for objective: distill"),
+        ({"objective": "distill", "neighbour_group": 0}, "neighbour_group=0 must be"),
     ],
 )  # fmt: skip
 def test_bad_distill_options_are_named(values: dict[str, object], message: str) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import shutil
@@ -249,6 +250,13 @@ class TextTrainConfig(WordnetTextOptions):
         default=0.0,
         metadata={"help": "share of the steps over which the learning rate warms up from 0"},
     )
+    neighbour_group: int = field(
+        default=1,
+        metadata={
+            "help": "distill: fill each batch with groups of N texts that are neighbours under "
+            "the teacher, cut afresh each epoch (1: random batches)"
+        },
+    )
 
     def __post_init__(self) -> None:
         self._check_objective()
@@ -264,6 +272,7 @@ class TextTrainConfig(WordnetTextOptions):
                 ("checkpoint_every", 0),
                 ("keep_checkpoints", 1),
                 ("start_epochs", 0),
+                ("neighbour_group", 1),
             ),
             floats=(("lr", 0.0, False), ("temperature", 0.0, False)),
         )
@@ -363,8 +372,13 @@ class TextTrainConfig(WordnetTextOptions):
                         f"{name} (or use objective: contrastive)."
                     )
         else:
-            if self.text_column is not None or self.max_texts is not None:
-                name = "text_column" if self.text_column is not None else "max_texts"
+            extra = {
+                "text_column": self.text_column is not None,
+                "max_texts": self.max_texts is not None,
+                "neighbour_group": self.neighbour_group != 1,
+            }
+            if any(extra.values()):
+                name = next(n for n, bad in extra.items() if bad)
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is for objective: distill (unlabeled "
                     "texts); drop it, or set objective: distill."
@@ -441,14 +455,17 @@ def build_distill_loss(
     sizes: Sequence[int],
     options: DistillOptions = DistillOptions(),
     mini_batch_size: int | None = None,
+    weights: Sequence[float] | None = None,
 ) -> MatryoshkaDistillLoss:
-    """:class:`~matryoshka.losses.distill.MatryoshkaDistillLoss` over ``sizes`` with ``options``
-    (gradient caching with ``mini_batch_size``; ``None``: off)."""
+    """:class:`~matryoshka.losses.distill.MatryoshkaDistillLoss` over ``sizes`` (one of
+    ``weights`` each; default all 1) with ``options`` (gradient caching with
+    ``mini_batch_size``; ``None``: off)."""
     from matryoshka.losses.distill import MatryoshkaDistillLoss
 
     return MatryoshkaDistillLoss(
         model,
         list(sizes),
+        None if weights is None else list(weights),
         keep_weight=options.keep_weight,
         pairwise_weight=options.pairwise_weight,
         listwise_weight=options.listwise_weight,
@@ -609,6 +626,7 @@ def _training_arguments(
     keep_checkpoints: int = 2,
     evaluate: bool = False,
     warmup_ratio: float = 0.0,
+    batch_sampler: Any = None,
 ) -> Any:
     """``SentenceTransformerTrainingArguments`` for one run (linear decay after ``warmup_ratio``
     of the steps of linear warm-up); checkpoints (``save``) every
@@ -627,7 +645,7 @@ def _training_arguments(
         **_warmup(warmup_ratio),
         seed=seed,
         data_seed=seed,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        batch_sampler=BatchSamplers.NO_DUPLICATES if batch_sampler is None else batch_sampler,
         save_strategy=strategy if save else "no",
         save_steps=checkpoint_every or 500,
         save_total_limit=keep_checkpoints,
@@ -641,6 +659,16 @@ def _training_arguments(
         dataloader_pin_memory=_cuda(),
         use_cpu=_cpu_processes(),
     )
+
+
+def _neighbour_sampler(group: int) -> Any:
+    """The trainer's ``batch_sampler`` for batches of ``group`` teacher neighbours (``None``,
+    the default sampler, for 1)."""
+    if group == 1:
+        return None
+    from matryoshka.training.neighbours import NeighbourBatchSampler
+
+    return functools.partial(NeighbourBatchSampler, group=group)
 
 
 def _cpu_processes() -> bool:
@@ -854,7 +882,11 @@ def finetune(
         from matryoshka.losses.distill import KeepTeacherLoss
 
         loss = KeepTeacherLoss(
-            loss, build_distill_loss(model.model, nesting.sizes, distill_options), distill_weight
+            loss,
+            build_distill_loss(
+                model.model, nesting.sizes, distill_options, weights=nesting.weights
+            ),
+            distill_weight,
         )
         labels = teacher_labels(
             encoder, [anchors, positives], cache_dir, "finetune/teacher", progress
@@ -891,6 +923,7 @@ def distill(
     mini_batch_size: int | None = 32,
     warmup_ratio: float = 0.1,
     start_epochs: int = 20,
+    neighbour_group: int = 8,
 ) -> TextEncoder:
     """Self-distil a copy of ``encoder`` on unlabeled ``texts`` (at least 2): every prefix of
     ``nesting`` learns to keep ``encoder``'s full-size similarity structure, the full size stays
@@ -903,8 +936,10 @@ def distill(
     Dropout is off while training. ``mini_batch_size``: gradient caching (the similarity
     structure is kept over all ``batch_size`` texts, embedded that many at a time);
     ``warmup_ratio``: the share of steps of learning-rate warm-up; ``start_epochs``: fit the
-    start rotation as an orthogonal adaptor on the teacher's embeddings (0: PCA). Returns the copy, in eval
-    mode; ``encoder`` is unchanged.
+    start rotation as an orthogonal adaptor on the teacher's embeddings (0: PCA);
+    ``neighbour_group``: fill each batch with groups of that many teacher neighbours
+    (:class:`~matryoshka.training.neighbours.NeighbourBatchSampler`; 1: random batches). Returns
+    the copy, in eval mode; ``encoder`` is unchanged.
     """
     from datasets import Dataset
 
@@ -917,7 +952,9 @@ def distill(
     model = TextEncoder(copy.deepcopy(encoder.model), name=f"{encoder.name}-distilled")
     labels, _ = _distill_start(model.model, labels, rotate, nesting, start_epochs, seed, progress)
     freeze_all_but_last(model.model, trainable_layers)
-    loss = build_distill_loss(model.model, nesting.sizes, options, mini_batch_size)
+    loss = build_distill_loss(
+        model.model, nesting.sizes, options, mini_batch_size, weights=nesting.weights
+    )
     dataset = _with_labels(Dataset.from_dict({"text": texts}), labels)
     with tempfile.TemporaryDirectory(prefix="mrl-distill-") as tmp:
         args = _training_arguments(
@@ -929,6 +966,7 @@ def distill(
             progress=progress,
             save=False,
             warmup_ratio=warmup_ratio,
+            batch_sampler=_neighbour_sampler(neighbour_group),
         )
         _run_trainer(model.model, dataset, loss, args)
     for p in model.model.parameters():
@@ -1171,7 +1209,11 @@ def train_text(config: TextTrainConfig) -> Path:
     loss: Any
     if config.objective == "distill":
         loss = build_distill_loss(
-            model, nesting.sizes, DistillOptions.of(config), config.mini_batch_size
+            model,
+            nesting.sizes,
+            DistillOptions.of(config),
+            config.mini_batch_size,
+            weights=nesting.weights,
         )
     else:
         loss = build_loss(
@@ -1201,7 +1243,9 @@ def train_text(config: TextTrainConfig) -> Path:
         if config.distill_weight > 0:
             from matryoshka.losses.distill import KeepTeacherLoss
 
-            distill_term = build_distill_loss(model, nesting.sizes, DistillOptions.of(config))
+            distill_term = build_distill_loss(
+                model, nesting.sizes, DistillOptions.of(config), weights=nesting.weights
+            )
             loss = KeepTeacherLoss(loss, distill_term, config.distill_weight)
     freeze_all_but_last(model, config.trainable_layers)
     evaluator = _eval_set(config)
@@ -1217,6 +1261,7 @@ def train_text(config: TextTrainConfig) -> Path:
         keep_checkpoints=config.keep_checkpoints,
         evaluate=evaluator is not None,
         warmup_ratio=config.warmup_ratio,
+        batch_sampler=_neighbour_sampler(config.neighbour_group),
     )
     trainer = _run_trainer(model, dataset, loss, args, evaluator, resume_from)
     for p in model.parameters():
