@@ -304,3 +304,15 @@ def test_distill_recipe_runs_under_torchrun(tmp_path: Path) -> None:
     t = teacher.encode(texts, convert_to_numpy=True)
     assert _structure_error(s, t, 8) < 0.8 * _structure_error(t, t, 8)
     assert _structure_error(s, t, 384) < 0.02
+
+
+def test_distill_loss_takes_the_nesting_weights() -> None:
+    """distill() and the recipes pass their nesting's weights on (they were dropped before)."""
+    import torch
+
+    from matryoshka.training.text import build_distill_loss
+
+    loss = build_distill_loss(torch.nn.Identity(), [16, 8], weights=[2.0, 0.5])  # type: ignore[arg-type]
+    assert list(loss.nesting.sizes) == [8, 16]
+    assert list(loss.nesting.weights) == [0.5, 2.0]  # kept with their sizes when sorted
+    assert list(build_distill_loss(torch.nn.Identity(), [8, 16]).nesting.weights) == [1.0, 1.0]  # type: ignore[arg-type]
