@@ -287,28 +287,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         build_s=ex_build,
     )
     del ex_index
-    for hnsw_m in args.hnsw_ms:
-        hnsw_full, hb = build(
-            "faiss-hnsw", d, corpus, hnsw_m=hnsw_m, ef_construction=args.ef_construction
-        )
-        assert isinstance(hnsw_full, FaissIndex)
-        for ef in args.ef_searches:
-            hnsw_full.ef_search = ef
-            (_, ids), secs = timed(lambda f=hnsw_full.search: f(queries, k), reps)
-            visits = hnsw_visits(hnsw_full, queries, k)
-            add_row(
-                f"HNSW{hnsw_m} d ef={ef}",
-                "raw",
-                ids,
-                secs,
-                backend="faiss-hnsw",
-                hnsw_m=hnsw_m,
-                ef_search=ef,
-                bytes_per_query=visits * d * 4,
-                index_bytes=hnsw_full.nbytes,
-                build_s=hb,
+
+    def hnsw_peers(space: str, xc: np.ndarray, xq: np.ndarray) -> None:
+        """Full-size HNSW graphs of every ``--hnsw-ms`` at every ``--ef-searches``."""
+        for hnsw_m in args.hnsw_ms:
+            hnsw_full, hb = build(
+                "faiss-hnsw", d, xc, hnsw_m=hnsw_m, ef_construction=args.ef_construction
             )
-        del hnsw_full
+            assert isinstance(hnsw_full, FaissIndex)
+            for ef in args.ef_searches:
+                hnsw_full.ef_search = ef
+                (_, ids), secs = timed(lambda f=hnsw_full.search: f(xq, k), reps)
+                visits = hnsw_visits(hnsw_full, xq, k)
+                add_row(
+                    f"HNSW{hnsw_m} d ef={ef}",
+                    space,
+                    ids,
+                    secs,
+                    backend="faiss-hnsw",
+                    hnsw_m=hnsw_m,
+                    ef_search=ef,
+                    bytes_per_query=visits * d * 4,
+                    index_bytes=hnsw_full.nbytes,
+                    build_s=hb,
+                )
+            del hnsw_full
+
+    hnsw_peers("raw", corpus, queries)
     if args.ivf_nprobes:
         t0 = time.perf_counter()
         ivf = add_in_chunks(make_index("faiss-ivf", d, model_name="bench"), corpus)
@@ -342,6 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         own_refs["model"] = own_ids
         del own
+        hnsw_peers("model", xc, xq)  # the peer its user would run: HNSW on its full vectors
 
     tmp = tempfile.TemporaryDirectory(prefix="mrl-bench-")
     for space, (xc, xq) in spaces.items():

@@ -104,7 +104,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             folder = train_text(config)
         except (FileNotFoundError, ValueError) as e:  # e.g. sizes, data, columns, resume
             raise SystemExit(f"mrl: bad config: {e}") from None
-        beir = " --beir FOLDER" if config.data is not None else ""
+        # a distilled run is scored on WordNet and the docstrings whatever its texts were
+        own_data = config.data is not None and config.objective != "distill"
+        beir = " --beir FOLDER" if own_data else ""
         print(f"saved {folder / 'model'}; evaluate it with: mrl eval --run {folder}{beir}")
         return 0
     from matryoshka.training.image import train
@@ -135,10 +137,15 @@ def _eval_text(args: argparse.Namespace) -> int:
             print(results["task"])
             _print_text_tables(results, BEIR_METRICS)
         else:
+            from matryoshka.evaluation.text import OOD_FUNNEL, OOD_RELATIVE
+
             results = evaluate_text_model(
                 args.run, cache_dir=args.cache_dir, progress=args.progress
             )
+            print(results["task"])
             _print_text_tables(results)
+            print("out of domain: docstrings of the installed packages (summary line -> body)")
+            _print_text_tables(results, (OOD_RELATIVE, OOD_FUNNEL))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"mrl eval: error: {e}") from None
     if args.out:
